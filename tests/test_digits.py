@@ -1,0 +1,238 @@
+"""The embedded digits export, its judge classifier and the sample metrics built on it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tools import digits_metrics
+from util.digits import (
+    MANIFEST_NAME,
+    export_digits,
+    frechet_distance,
+    generated_image_class,
+    load_digits_classifier,
+    load_generated_pngs,
+    load_image_folder_tensor,
+    prepare_classifier_input,
+    score_samples,
+    train_digits_classifier,
+    within_class_spread,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASS_NAMES = [str(d) for d in range(10)]
+
+
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("digits")
+    export_digits(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def classifier_report(digits_root, tmp_path_factory) -> dict:
+    return train_digits_classifier(digits_root, tmp_path_factory.mktemp("judge") / "classifier.pt")
+
+
+@pytest.fixture(scope="module")
+def classifier(classifier_report):
+    return load_digits_classifier(classifier_report["path"])
+
+
+@pytest.fixture(scope="module")
+def val_set(digits_root):
+    return load_image_folder_tensor(digits_root / "val")
+
+
+def _write_class_major_samples(folder: Path, images: torch.Tensor, labels: torch.Tensor, per_class: int) -> int:
+    """Write the first ``per_class`` images of each class as ``{index:05d}.png`` in class-major order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    order = torch.cat([(labels == c).nonzero().flatten()[:per_class] for c in range(10)])
+    for index, i in enumerate(order.tolist()):
+        Image.fromarray(images[i].permute(1, 2, 0).numpy()).save(folder / f"{index:05d}.png")
+    return len(order)
+
+
+def test_export_counts_and_layout(digits_root):
+    manifest = json.loads((digits_root / MANIFEST_NAME).read_text())
+    assert manifest["complete"] and manifest["counts"] == {"train": 1437, "val": 360}
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (digits_root / split).iterdir()) == CLASS_NAMES
+    with Image.open(next((digits_root / "train" / "3").glob("*.png"))) as image:
+        assert image.mode == "RGB" and image.size == (32, 32)
+        pixels = np.asarray(image)
+    assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 0] == pixels[..., 2]).all()
+    assert pixels.min() == 0 and pixels.max() > 200
+
+
+def test_export_is_stratified_and_traceable(digits_root):
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    manifest = json.loads((digits_root / MANIFEST_NAME).read_text())
+    for name in CLASS_NAMES:
+        total = int((target == int(name)).sum())
+        assert abs(manifest["per_class"]["val"][name] - 0.2 * total) <= 1
+        for path in (digits_root / "val" / name).glob("*.png"):
+            assert target[int(path.stem)] == int(name)
+
+
+def test_export_is_idempotent(digits_root):
+    probe = next((digits_root / "val" / "0").glob("*.png"))
+    before = probe.stat().st_mtime_ns
+    counts = export_digits(digits_root)
+    assert counts["rewritten"] is False and (counts["train"], counts["val"]) == (1437, 360)
+    assert probe.stat().st_mtime_ns == before
+
+
+def test_export_rewrites_for_new_settings_and_refuses_foreign_folders(tmp_path):
+    root = tmp_path / "digits"
+    export_digits(root, img_size=8)
+    counts = export_digits(root, img_size=12)
+    assert counts["rewritten"] is True
+    images, labels = load_image_folder_tensor(root / "train")
+    assert images.shape == (1437, 3, 12, 12) and labels.tolist() == sorted(labels.tolist())
+
+    foreign = tmp_path / "foreign"
+    (foreign / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a digits export"):
+        export_digits(foreign)
+
+
+def test_load_image_folder_tensor(val_set):
+    images, labels = val_set
+    assert images.dtype == torch.uint8 and images.shape == (360, 3, 32, 32)
+    assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
+
+
+def test_prepare_classifier_input():
+    images = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 3, 8, 8)
+    x = prepare_classifier_input(images, img_size=16)
+    assert x.shape == (2, 1, 16, 16)
+    assert torch.allclose(x[0], torch.full_like(x[0], -1.0)) and torch.allclose(x[1], torch.ones_like(x[1]))
+    with pytest.raises(ValueError, match="expected images"):
+        prepare_classifier_input(torch.zeros(2, 4, 8, 8), img_size=8)
+
+
+def test_classifier_accuracy_and_checkpoint(classifier_report, classifier, val_set):
+    assert classifier_report["val_accuracy"] >= 0.95
+    checkpoint = torch.load(classifier_report["path"], map_location="cpu", weights_only=True)
+    assert set(checkpoint) == {"state_dict", "config", "val_accuracy"}
+    images, labels = val_set
+    x = prepare_classifier_input(images, classifier.img_size)
+    with torch.no_grad():
+        assert classifier.features(x).shape == (360, checkpoint["config"]["feature_dim"])
+        logits = classifier(x)
+    assert logits.shape == (360, 10)
+    assert (logits.argmax(1) == labels).float().mean().item() == pytest.approx(checkpoint["val_accuracy"])
+
+
+def test_classifier_training_is_seeded(digits_root, tmp_path):
+    rng_before = torch.random.get_rng_state()
+    for name in ("a.pt", "b.pt"):
+        train_digits_classifier(digits_root, tmp_path / name, epochs=1)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)
+    state_a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
+    state_b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_real_digits_score_like_real_digits(classifier, val_set):
+    images, labels = val_set
+    metrics = score_samples(classifier, images, labels, images, labels)
+    assert metrics["class_consistency"] >= 0.95
+    assert abs(metrics["frechet_distance"]) < 1e-6
+    assert metrics["spread_ratio"] == pytest.approx(1.0)
+    assert set(metrics["per_class_accuracy"]) == set(CLASS_NAMES)
+    as_float = score_samples(classifier, images.float() / 127.5 - 1.0, labels, images, labels)
+    assert as_float["class_consistency"] == metrics["class_consistency"]
+    assert as_float["spread_ratio"] == pytest.approx(1.0)
+
+
+def test_collapsed_samples_have_no_spread(classifier, val_set):
+    images, labels = val_set
+    first_of_class = torch.stack([(labels == c).nonzero()[0, 0] for c in range(10)])  # [10]
+    collapsed = images[first_of_class[labels]]  # every image replaced by its class's first image
+    metrics = score_samples(classifier, collapsed, labels, images, labels)
+    assert metrics["spread_ratio"] < 0.1
+    assert metrics["frechet_distance"] > 10.0
+
+
+def test_shuffled_labels_are_inconsistent(classifier, val_set):
+    images, labels = val_set
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    metrics = score_samples(classifier, images, shuffled, images, labels)
+    assert 0.0 <= metrics["class_consistency"] <= 0.2
+
+
+def test_frechet_distance_matches_closed_form():
+    mu1, mu2 = np.array([0.0, 1.0]), np.array([2.0, 1.0])
+    var1, var2 = np.array([1.0, 4.0]), np.array([9.0, 1.0])
+    expected = 4.0 + np.sum(var1 + var2 - 2.0 * np.sqrt(var1 * var2))
+    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected)
+
+
+def test_within_class_spread_definition():
+    features = torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0], [5.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    assert within_class_spread(features, labels) == pytest.approx((1.0 + 2.0) / 2)
+
+
+def test_generated_naming_maps_indices_to_classes(tmp_path):
+    assert [generated_image_class(i, 20, 10) for i in range(20)] == [i // 2 for i in range(20)]
+    assert generated_image_class(999, 1000, 10) == 9
+    with pytest.raises(ValueError, match="multiple"):
+        generated_image_class(0, 25, 10)
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 4, 4) * 40
+    for index in range(6):
+        Image.fromarray(images[index].permute(1, 2, 0).numpy()).save(tmp_path / f"{index:05d}.png")
+    loaded, labels = load_generated_pngs(tmp_path, num_images=6, class_num=3)
+    assert torch.equal(loaded, images) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(FileNotFoundError, match="1 of 7"):
+        load_generated_pngs(tmp_path, num_images=7, class_num=7)
+
+
+def test_cli_scores_a_sample_folder(digits_root, classifier_report, val_set, tmp_path):
+    num_images = _write_class_major_samples(tmp_path / "samples", *val_set, per_class=30)
+    out = tmp_path / "metrics.json"
+    metrics = digits_metrics.main(
+        [
+            "--samples",
+            str(tmp_path / "samples"),
+            "--num_images",
+            str(num_images),
+            "--data_root",
+            str(digits_root),
+            "--classifier",
+            classifier_report["path"],
+            "--out",
+            str(out),
+        ]
+    )
+    assert json.loads(out.read_text()) == metrics
+    assert metrics["num_samples"] == 300 and metrics["class_consistency"] >= 0.95
+    assert 0.8 < metrics["spread_ratio"] < 1.2
+
+
+@pytest.mark.parametrize("entry", [["tools/digits_metrics.py"], ["-m", "tools.digits_metrics"]])
+def test_cli_runs_as_script_and_module(entry):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, *entry, "--help"],
+        check=False,
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--num_images" in result.stdout

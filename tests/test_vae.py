@@ -1,0 +1,199 @@
+"""KL-16 VAE: golden-tensor parity (small width), full-size layout, checkpoint loading, posterior."""
+import json
+
+import pytest
+import torch
+
+from models.vae import KL16_LATENT_SCALE, AutoencoderKL, DiagonalGaussianDistribution, load_kl16
+
+VAE_ATOL = VAE_RTOL = 1e-4  # parity/README.md section 6
+SMALL_CH = 32  # the width of the vae_ch32 golden model; GroupNorm(32) needs a multiple of 32
+
+
+@pytest.fixture(scope="module")
+def ch32_state_dict(parity_dir):
+    return torch.load(parity_dir / "vae_ch32_model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def ch32_model(ch32_state_dict):
+    model = AutoencoderKL(ch=SMALL_CH).eval()
+    model.load_state_dict(ch32_state_dict, strict=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def meta_kl16():
+    with torch.device("meta"):
+        return AutoencoderKL()
+
+
+@pytest.fixture
+def ch32_checkpoint(tmp_path, ch32_state_dict):
+    path = tmp_path / "vae_ch32.ckpt"
+    torch.save({"model": ch32_state_dict}, path)
+    return path
+
+
+def test_ch32_encode_decode_matches_golden(parity_dir, ch32_model):
+    case = torch.load(parity_dir / "vae_ch32_cases.pt", weights_only=True)["encode_decode"]
+    inputs, ref = case["inputs"], case["outputs"]
+    with torch.no_grad():
+        posterior = ch32_model.encode(inputs["x"])
+        got = {
+            "mean": posterior.mean,
+            "logvar": posterior.logvar,
+            "std": posterior.std,
+            "moments": posterior.parameters,
+            "decoded_z": ch32_model.decode(inputs["z"]),
+            "decoded_mean": ch32_model.decode(posterior.mean),
+        }
+    assert set(got) == set(ref)
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref[name], atol=VAE_ATOL, rtol=VAE_RTOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_full_size_layout_matches_kl16_checkpoint(parity_dir, meta_kl16):
+    reference = json.loads((parity_dir / "vae_kl16_keys.json").read_text())
+    layout = {key: list(tensor.shape) for key, tensor in meta_kl16.state_dict().items()}
+    assert list(layout) == list(reference["state_dict"])
+    assert layout == reference["state_dict"]
+    assert len(layout) == reference["num_state_dict_tensors"] == 312
+    assert sum(p.numel() for p in meta_kl16.parameters()) == reference["num_params"] == 66_456_019
+
+
+def test_full_size_output_shapes_match_randinit_vectors(parity_dir, meta_kl16):
+    case = torch.load(parity_dir / "vae_kl16_randinit_outputs.pt", weights_only=True)["randinit_no_weights"]
+    inputs, ref = case["inputs"], case["outputs"]
+    posterior = meta_kl16.encode(inputs["x"].to("meta"))
+    shapes = {
+        "mean": posterior.mean.shape,
+        "logvar": posterior.logvar.shape,
+        "std": posterior.std.shape,
+        "moments": posterior.parameters.shape,
+        "decoded_z": meta_kl16.decode(inputs["z"].to("meta")).shape,
+        "decoded_mean": meta_kl16.decode(posterior.mean).shape,
+    }
+    assert shapes == {name: tensor.shape for name, tensor in ref.items()}
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 512), (256, 512)])
+def test_full_size_stride_is_16(meta_kl16, size):
+    h, w = size
+    posterior = meta_kl16.encode(torch.empty(2, 3, h, w, device="meta"))
+    assert meta_kl16.stride == 16 and meta_kl16.embed_dim == 16
+    assert posterior.mean.shape == (2, 16, h // 16, w // 16)
+    assert posterior.parameters.shape == (2, 32, h // 16, w // 16)
+    assert meta_kl16.decode(posterior.sample()).shape == (2, 3, h, w)
+
+
+@pytest.mark.parametrize("latent_side", [16, 32])
+def test_small_width_decode_shape(ch32_model, latent_side):
+    # 16x16 and 32x32 latents are what 256 px and 512 px images give.
+    z = torch.randn(1, 16, latent_side, latent_side, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        image = ch32_model.decode(z)
+    assert image.shape == (1, 3, 16 * latent_side, 16 * latent_side)
+    assert torch.isfinite(image).all()
+
+
+def test_latent_scale_constant():
+    assert KL16_LATENT_SCALE == 0.2325
+    with torch.device("meta"):
+        assert AutoencoderKL(ch=SMALL_CH).latent_scale == KL16_LATENT_SCALE
+
+
+def test_from_checkpoint_loads_wrapped_state_dict_frozen(ch32_checkpoint, ch32_state_dict):
+    model = AutoencoderKL.from_checkpoint(ch32_checkpoint, ch=SMALL_CH)
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    loaded = model.state_dict()
+    assert all(tensor.dtype == torch.float32 for tensor in loaded.values())
+    for key, tensor in ch32_state_dict.items():
+        assert torch.equal(loaded[key], tensor.float()), key
+
+
+def test_bare_state_dict_and_ckpt_path_constructor(tmp_path, ch32_state_dict):
+    path = tmp_path / "bare.pt"
+    torch.save(ch32_state_dict, path)
+    model = AutoencoderKL(ch=SMALL_CH, ckpt_path=path)
+    key = "decoder.conv_out.weight"
+    assert torch.equal(model.state_dict()[key], ch32_state_dict[key].float())
+
+
+def test_missing_file_error_says_where_to_get_it(tmp_path):
+    missing = tmp_path / "nowhere" / "kl16.ckpt"
+    with pytest.raises(FileNotFoundError, match="nowhere.*kl16.ckpt") as info:
+        load_kl16(missing)
+    assert "dropbox.com" in str(info.value)
+    assert "--tokenizer pixel" in str(info.value)
+
+
+def test_non_checkpoint_file_is_rejected(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("this is not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt' is not a readable torch checkpoint"):
+        load_kl16(path)
+
+
+def test_non_state_dict_checkpoint_is_rejected(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save({"model": [1, 2, 3]}, path)
+    with pytest.raises(ValueError, match="list.pt' does not hold a VAE state_dict"):
+        load_kl16(path)
+
+
+def test_wrong_width_checkpoint_lists_shape_mismatches(ch32_checkpoint):
+    with pytest.raises(ValueError, match=r"wrongly shaped key\(s\), e.g. encoder.conv_in.weight \(32, 3, 3, 3\)"):
+        load_kl16(ch32_checkpoint)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, ch32_state_dict):
+    state_dict = dict(ch32_state_dict)
+    state_dict["extra.weight"] = state_dict.pop("quant_conv.bias")
+    path = tmp_path / "renamed.ckpt"
+    torch.save({"model": state_dict}, path)
+    with pytest.raises(ValueError, match="renamed.ckpt") as info:
+        AutoencoderKL.from_checkpoint(path, ch=SMALL_CH)
+    message = str(info.value)
+    assert "1 missing key(s), e.g. quant_conv.bias" in message
+    assert "1 unexpected key(s), e.g. extra.weight" in message
+
+
+def _moments(logvar_value):
+    mean = torch.arange(8.0).reshape(1, 2, 2, 2)
+    return torch.cat([mean, torch.full_like(mean, logvar_value)], dim=1)  # [1, 4, 2, 2]
+
+
+def test_posterior_clamps_logvar():
+    assert torch.equal(DiagonalGaussianDistribution(_moments(100.0)).logvar, torch.full((1, 2, 2, 2), 20.0))
+    low = DiagonalGaussianDistribution(_moments(-100.0))
+    assert torch.equal(low.logvar, torch.full((1, 2, 2, 2), -30.0))
+    torch.testing.assert_close(low.std, torch.exp(torch.tensor(-15.0)).expand(1, 2, 2, 2))
+
+
+def test_posterior_statistics_and_mode():
+    moments = _moments(2.0)
+    posterior = DiagonalGaussianDistribution(moments)
+    assert posterior.parameters is moments
+    assert torch.equal(posterior.mode(), moments[:, :2])
+    torch.testing.assert_close(posterior.std, torch.full((1, 2, 2, 2), torch.e))
+    torch.testing.assert_close(posterior.var, torch.full((1, 2, 2, 2), torch.e**2))
+
+
+def test_sample_with_seeded_generator_is_deterministic():
+    posterior = DiagonalGaussianDistribution(_moments(0.0))
+    first = posterior.sample(torch.Generator().manual_seed(3))
+    again = posterior.sample(torch.Generator().manual_seed(3))
+    other = posterior.sample(torch.Generator().manual_seed(4))
+    expected_noise = torch.randn(1, 2, 2, 2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    torch.testing.assert_close(first, posterior.mean + expected_noise)
+
+
+def test_deterministic_posterior_is_a_point_mass():
+    posterior = DiagonalGaussianDistribution(_moments(0.0), deterministic=True)
+    assert torch.equal(posterior.std, torch.zeros(1, 2, 2, 2))
+    assert torch.equal(posterior.var, torch.zeros(1, 2, 2, 2))
+    assert torch.equal(posterior.sample(torch.Generator().manual_seed(0)), posterior.mean)
