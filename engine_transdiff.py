@@ -1,0 +1,240 @@
+"""One engine for every model mode: training epochs, evaluation (generation + FID/IS) and latent caching."""
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models.noise import PerImageNoise
+from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
+from util import distributed as dist
+from util.checkpoint import atomic_write
+from util.datasets import cached_latent_path, write_cached_latent
+from util.logger import MetricLogger, SmoothedValue
+from util.lr_sched import adjust_learning_rate
+from util.metrics import (
+    MissingMetricFile,
+    compute_fid_is,
+    default_fid_stats_path,
+    load_reference_statistics,
+    resolve_inception_weights,
+)
+from util.npz_export import write_adm_npz
+
+PRINT_FREQ = 20
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped because the loss was NaN or infinite (no checkpoint is written after it)."""
+
+
+def precision_context(precision: str, device: torch.device):
+    """A factory of autocast contexts: fp16 (CUDA default), bf16, or none (fp32, the CPU default)."""
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def batch_to_latents(batch, tokenizer, device, use_cached: bool):
+    """A loader batch -> (latents, labels): latents [B, C, h, w] (MRAR: a list of them), × latent_scale."""
+    *images, labels = batch
+    with torch.no_grad():
+        if use_cached:
+            latents = [latents_from_moments(tokenizer, x.to(device, non_blocking=True)) for x in images]
+        else:
+            latents = [encode_to_latents(tokenizer, x.to(device, non_blocking=True)) for x in images]
+    return (latents if len(latents) > 1 else latents[0]), labels.to(device, non_blocking=True)
+
+
+def train_one_epoch(ddp_model, model, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context,
+                    writer, logger):
+    """One pass over `loader`; returns the epoch's averaged stats.
+
+    Gradients of `gradient_accumulation_steps` micro-batches are summed (Parity: the original does not
+    divide the loss), DDP all-reduces only on the last micro-batch, then clip, step, EMA update.
+    """
+    ddp_model.train()
+    metrics = MetricLogger(print_fn=logger.info)
+    metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
+    accumulation = args.gradient_accumulation_steps
+    steps = len(loader)
+    optimizer.zero_grad(set_to_none=True)
+    for step, batch in enumerate(metrics.log_every(loader, PRINT_FREQ, f"Epoch: [{epoch}]")):
+        lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
+        latents, labels = batch_to_latents(batch, tokenizer, device, args.use_cached)
+        sync = (step + 1) % accumulation == 0 or step + 1 == steps
+        with dist.ddp_sync(ddp_model, sync):
+            with context():
+                loss = ddp_model(latents, labels)
+            loss_value = dist.all_reduce_mean(loss.detach().float())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch}, step {step}; stopping. The last "
+                                    "checkpoint is untouched. With fp16, try --bf16.")
+            (scaler.scale(loss) if scaler.is_enabled() else loss).backward()
+        if sync:
+            if scaler.is_enabled():
+                scaler.unscale_(optimizer)
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model, args.ema_rate)
+        metrics.update(loss=loss_value, lr=lr)
+        epoch_1000x = int((step / steps + epoch) * 1000)
+        writer.add_scalar("train_loss", loss_value, epoch_1000x)
+        writer.add_scalar("lr", lr, epoch_1000x)
+    return {name: meter.global_avg for name, meter in metrics.meters.items()}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def image_class(index: int, num_images: int, class_num: int) -> int:
+    """Image `index` of an evaluation run belongs to class `index // (num_images // class_num)`."""
+    return index // (num_images // class_num)
+
+
+def image_seed(base_seed: int, index: int) -> int:
+    """Per-image seed: the same image whatever the world size, batch order or resumption."""
+    return (base_seed << 32) + index
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (round((x + 1) / 2 · 255), clipped), as the original."""
+    pixels = ((images.float().cpu() + 1) / 2 * 255).clamp(0, 255).round()
+    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_png(path: str, pixels: np.ndarray) -> None:
+    """Write one HxWx3 uint8 PNG atomically (an interrupted run never leaves a truncated image)."""
+    atomic_write(path, lambda handle: Image.fromarray(pixels).save(handle, format="PNG"), durable=False)
+
+
+def evaluation_folder(args, epoch_label, cfg, use_ema: bool) -> str:
+    """The original's folder name (plus the sampler when it is not the default)."""
+    cfg_name = ",".join(str(c) for c in cfg) if isinstance(cfg, list) else cfg
+    name = (f"epoch{epoch_label}-diffsteps{args.num_sampling_steps}-cfg{cfg_name}-image{args.num_images}-"
+            f"scale{args.scale_0}-{args.scale_1}")
+    if args.sampler != "maruyama":
+        name += f"-{args.sampler}"
+    name += "_ema" if use_ema else ""
+    name += "_evaluate" if args.evaluate else ""
+    return os.path.join(args.output_dir, name)
+
+
+@torch.no_grad()
+def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) -> int:
+    """Write `{index:05d}.png` for every index < num_images; returns how many this rank generated.
+
+    Batches of `eval_bsz` consecutive indices are dealt round-robin to the ranks; a batch whose PNGs all
+    exist is skipped, so an interrupted run resumes without duplicating or skipping images.
+    """
+    num_batches = math.ceil(args.num_images / args.eval_bsz)
+    mine = range(dist.get_rank(), num_batches, dist.get_world_size())
+    generated, timed, seconds = 0, 0, 0.0
+    progress = tqdm(mine, desc="generating", disable=not dist.is_main_process(), dynamic_ncols=True)
+    for batch in progress:
+        indices = range(batch * args.eval_bsz, min((batch + 1) * args.eval_bsz, args.num_images))
+        paths = [os.path.join(folder, f"{index:05d}.png") for index in indices]
+        if all(os.path.exists(path) for path in paths):
+            continue
+        started = time.time()
+        labels = torch.tensor([image_class(i, args.num_images, args.class_num) for i in indices], device=device)
+        noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in indices)
+        with context():
+            latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
+                                  scale_0=args.scale_0, scale_1=args.scale_1, generator=noise)
+            images = decode_from_latents(tokenizer, latents)
+        for path, pixels in zip(paths, to_uint8(images)):
+            save_png(path, pixels)
+        if generated:  # the first batch includes warm-up; time the rest, as the original
+            seconds += time.time() - started
+            timed += len(paths)
+        generated += len(paths)
+    if timed:
+        logger.info(f"rank {dist.get_rank()}: {seconds / timed:.4f} s per image")
+    return generated
+
+
+def metric_files(args):
+    """(Inception weights, reference statistics) or the MissingMetricFile that says what is absent."""
+    try:
+        stats = args.fid_stats or default_fid_stats_path(args.img_size)
+        if stats is None:
+            raise MissingMetricFile("FID reference statistics", f"<none for --img_size {args.img_size}>",
+                                    "pass --fid_stats (tools/make_fid_stats.py builds one from an image folder)")
+        load_reference_statistics(stats)
+        return (resolve_inception_weights(args.inception_weights), stats), None
+    except MissingMetricFile as missing:
+        return None, missing
+
+
+def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger, cfg, use_ema=True):
+    """Generate `num_images` class-balanced images, then FID/IS on rank 0. Returns the result record."""
+    files, missing = metric_files(args)
+    if missing is not None and args.require_metrics:
+        raise missing
+    net = ema.module if use_ema else model
+    was_training = net.training
+    net.eval()
+    folder = evaluation_folder(args, epoch_label, cfg, use_ema)
+    os.makedirs(folder, exist_ok=True)
+    logger.info(f"evaluating into {folder}")
+    started = time.time()
+    generate_images(net, tokenizer, folder, args, cfg, device, context, logger)
+    net.train(was_training)
+    dist.barrier()
+
+    record = {"epoch": epoch_label, "cfg": cfg, "scale_0": args.scale_0, "scale_1": args.scale_1,
+              "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "ema": use_ema,
+              "num_images": args.num_images, "folder": folder, "generation_minutes": (time.time() - started) / 60}
+    if dist.is_main_process():
+        if args.save_npz:
+            record["npz"] = folder + ".npz"
+            write_adm_npz(folder, record["npz"])
+        if missing is None:
+            weights, stats = files
+            scores = compute_fid_is(folder, stats, device, weights_path=weights)
+            record.update(scores)
+            postfix = ("_ema" if use_ema else "") + ("" if cfg == 1.0 else f"_cfg{cfg}") + f"_{args.sampler}"
+            step = int(epoch_label) if epoch_label.isdigit() else 0
+            writer.add_scalar(f"fid{postfix}", scores["fid"], step)
+            writer.add_scalar(f"is{postfix}", scores["inception_score"], step)
+            logger.info(f"FID: {scores['fid']:.4f}, Inception Score: {scores['inception_score']:.4f}")
+        else:
+            record["metrics_skipped"] = str(missing)
+            logger.warning(f"images kept in {folder}; FID/IS skipped: {missing}")
+        append_metrics(os.path.join(args.output_dir, "metrics.json"), record)
+    dist.barrier()
+    return record
+
+
+def append_metrics(path: str, record: dict) -> None:
+    """Add `record` to the JSON list in `path` (created if absent), atomically."""
+    records = json.load(open(path)) if os.path.exists(path) else []
+    records.append(record)
+    payload = json.dumps(records, indent=1, default=str).encode()
+    atomic_write(path, lambda handle: handle.write(payload), durable=False)
+
+
+# ---------------------------------------------------------------------------------------------- caching
+@torch.no_grad()
+def cache_latents(tokenizer, loader, device, cached_path, image_root, logger) -> int:
+    """Write the posterior moments of every image and of its horizontal flip; returns the count written."""
+    written = 0
+    metrics = MetricLogger(print_fn=logger.info)
+    for images, _, paths in metrics.log_every(loader, PRINT_FREQ, "Caching:"):
+        images = images.to(device, non_blocking=True)
+        moments = tokenizer.encode(images).parameters  # [B, 2C, h, w]
+        moments_flip = tokenizer.encode(images.flip(dims=[3])).parameters
+        for path, m, m_flip in zip(paths, moments.cpu(), moments_flip.cpu()):
+            write_cached_latent(cached_latent_path(cached_path, image_root, path), m, m_flip)
+            written += 1
+    return written

@@ -1,0 +1,297 @@
+"""Checkpoint files: atomic saving, safe loading, resume lookup and finetune adaptation.
+
+Format (the original's, ``util/misc.py::save_model`` of MAR/TransDiff)::
+
+    {'model': state_dict, 'model_ema': state_dict, 'optimizer': ..., 'epoch': int,
+     'args': dict, ['scaler': GradScaler state]}
+
+The original pickles ``args`` as an ``argparse.Namespace``; we write a plain dict and accept both
+on load. Files are named ``checkpoint-last.pth`` and ``checkpoint-<epoch>.pth``.
+
+Loading never executes arbitrary pickles: ``torch.load(weights_only=True)`` with
+``argparse.Namespace`` as the only extra allowed global.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LAST_CHECKPOINT = "checkpoint-last.pth"
+SAFE_GLOBALS = (argparse.Namespace,)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+class CheckpointPaths(NamedTuple):
+    """Where one epoch's checkpoints go."""
+
+    last: str  # <output_dir>/checkpoint-last.pth, rewritten every save
+    epoch: str  # <output_dir>/checkpoint-<epoch>.pth, a kept snapshot
+
+
+def checkpoint_paths(output_dir: str, epoch: int) -> CheckpointPaths:
+    """File names the original uses for the rolling and the per-epoch checkpoint."""
+    return CheckpointPaths(os.path.join(output_dir, LAST_CHECKPOINT),
+                           os.path.join(output_dir, f"checkpoint-{epoch}.pth"))
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
+    """Create or replace ``path`` with what ``write(handle)`` writes, all or nothing.
+
+    The data goes to a temporary file in the same directory, which then replaces ``path`` in one
+    ``os.replace``: a crash or an exception at any point leaves the old file (or none) and no
+    temporary file, never a partial file. ``durable`` fsyncs the data and the rename, so the new file
+    also survives a power loss. The file gets the permissions of a normally created file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates files readable by the owner only
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    if durable:
+        _fsync_directory(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: str) -> None:
+    """Persist a rename (POSIX); directories cannot be opened on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: str, state: Mapping[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically and durably (see :func:`atomic_write`).
+
+    A crash at any point leaves either the old checkpoint or the new one, never a partial file. An
+    ``argparse.Namespace`` under ``'args'`` is stored as a plain dict.
+    """
+    state = dict(state)
+    if isinstance(state.get("args"), argparse.Namespace):
+        state["args"] = vars(state["args"])
+    atomic_write(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint dict without executing arbitrary pickles.
+
+    Accepts our files and the original's (``args`` as ``argparse.Namespace``, converted to a dict
+    here). Raises FileNotFoundError for a missing file, ValueError naming the file when it is not a
+    checkpoint or holds objects outside the allow-list, and TypeError when it holds something other
+    than a dict.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error}") from error
+        raise ValueError(_disallowed_globals_message(path)) from error
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error!r}") from error
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    if isinstance(checkpoint.get("args"), argparse.Namespace):
+        checkpoint["args"] = vars(checkpoint["args"])
+    return checkpoint
+
+
+def _disallowed_globals_message(path: str) -> str:
+    try:
+        names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except (RuntimeError, ValueError, pickle.UnpicklingError):
+        names = "unknown"
+    return (f"{path} contains pickled Python objects outside the allow-list ({names}). We refuse to "
+            "unpickle arbitrary objects because that can execute code. If you trust the file, convert "
+            "it once: ckpt = torch.load(path, weights_only=False); keep only tensors, state dicts and "
+            "plain Python values (e.g. ckpt['args'] = vars(ckpt['args'])), then torch.save(ckpt, path).")
+
+
+def find_resume_checkpoint(resume: str | None, load_step: int | None = None) -> str | None:
+    """Resolve ``--resume`` to a checkpoint file, or None when there is nothing to resume from.
+
+    ``resume`` may be a file, or a directory (the original's semantics) in which
+    ``checkpoint-last.pth`` is used, or ``checkpoint-<load_step>.pth`` when ``load_step`` is given.
+    Returns None for an empty/None argument, a directory without that file, or a path that does not
+    exist yet (auto-resume into a fresh ``--output_dir``); the caller should warn loudly.
+    """
+    if not resume:
+        return None
+    if os.path.isfile(resume):
+        return resume
+    if not os.path.isdir(resume):
+        return None
+    name = LAST_CHECKPOINT if load_step is None else f"checkpoint-{load_step}.pth"
+    candidate = os.path.join(resume, name)
+    return candidate if os.path.isfile(candidate) else None
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict:
+    """Remove ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes from every key."""
+    stripped = {}
+    for key, value in state_dict.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
+
+
+def select_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> tuple[dict, str]:
+    """Pick the weights to load: ``(state_dict, source_key)``.
+
+    ``'model_ema'`` when present and ``use_ema``, else ``'model'``; a bare state dict (every value a
+    tensor) is returned as is with source ``'state_dict'``. Wrapper prefixes are stripped.
+    """
+    if use_ema and "model_ema" in checkpoint:
+        source = "model_ema"
+    elif "model" in checkpoint:
+        source = "model"
+    elif checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        return strip_wrapper_prefixes(checkpoint), "state_dict"
+    else:
+        raise ValueError(f"no weights in checkpoint: expected 'model', 'model_ema' or a bare state dict, "
+                         f"found keys {sorted(checkpoint)[:10]}")
+    return strip_wrapper_prefixes(checkpoint[source]), source
+
+
+def adapt_state_dict(src_sd: Mapping[str, torch.Tensor],
+                     target_sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Fit a checkpoint's state dict to a model whose shapes differ in the known finetune ways.
+
+    For finetunes that start from a 1-step 256px checkpoint:
+
+    * ``mask_token`` [1, 1, D] -> [1, M, D] (MRAR, M = 64): the token is copied into every slot.
+    * ``z_proj.weight``/``z_proj.bias`` with another input width ([D, 16] -> [D, 64] for MRAR): the
+      model's fresh initialisation is kept. The 1-step ``z_proj`` output is overwritten in the
+      original, so it never receives gradients and carries nothing.
+    * a ``*pos_embed*`` tensor [1, N, D] -> [1, M, D] with N and M perfect squares (the decoder's
+      ``diffdecoder.net.diffusion_pos_embed_learned``, 256 -> 1024 for 512px): bicubic interpolation
+      over the sqrt(N) x sqrt(N) grid (align_corners=False).
+
+    Any other shape mismatch, missing or unexpected key raises ValueError listing them. Returns the
+    adapted state dict (keys of ``target_sd``) and one human-readable line per adapted tensor.
+    """
+    missing = sorted(set(target_sd) - set(src_sd))
+    unexpected = sorted(set(src_sd) - set(target_sd))
+    fresh_z_proj = _z_proj_input_changed(src_sd, target_sd)
+    adapted, report, mismatched = {}, [], []
+    for key, target in target_sd.items():
+        if key not in src_sd:
+            continue
+        source = src_sd[key]
+        if fresh_z_proj and key in ("z_proj.weight", "z_proj.bias"):
+            adapted[key] = target.clone()
+            report.append(f"{key}: checkpoint {list(source.shape)} vs model {list(target.shape)}, kept the "
+                          "model's fresh initialisation (z_proj is untrained in the 1-step model)")
+        elif source.shape == target.shape:
+            adapted[key] = source
+        elif _is_broadcastable_mask_token(key, source, target):
+            adapted[key] = source.expand(-1, target.shape[1], -1).clone()  # [1, 1, D] -> [1, M, D]
+            report.append(f"{key}: {list(source.shape)} -> {list(target.shape)}, "
+                          f"token copied to all {target.shape[1]} slots")
+        elif _is_resizable_pos_embed(key, source, target):
+            adapted[key] = _interpolate_pos_embed(source, target.shape[1])
+            report.append(f"{key}: {list(source.shape)} -> {list(target.shape)}, bicubic interpolation of "
+                          f"the {math.isqrt(source.shape[1])}x{math.isqrt(source.shape[1])} grid")
+        else:
+            mismatched.append(f"{key}: checkpoint {list(source.shape)} vs model {list(target.shape)}")
+    if missing or unexpected or mismatched:
+        raise ValueError(_mismatch_message(src_sd, target_sd, missing, unexpected, mismatched))
+    return adapted, report
+
+
+def _z_proj_input_changed(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str, torch.Tensor]) -> bool:
+    """True when ``z_proj.weight`` keeps its output width D but changes its input width."""
+    source, target = src_sd.get("z_proj.weight"), target_sd.get("z_proj.weight")
+    return (source is not None and target is not None and source.ndim == target.ndim == 2
+            and source.shape[0] == target.shape[0] and source.shape[1] != target.shape[1])
+
+
+def _same_batch_and_width(source: torch.Tensor, target: torch.Tensor) -> bool:
+    return (source.ndim == target.ndim == 3 and source.shape[0] == target.shape[0] == 1
+            and source.shape[2] == target.shape[2])
+
+
+def _is_broadcastable_mask_token(key: str, source: torch.Tensor, target: torch.Tensor) -> bool:
+    return key.split(".")[-1] == "mask_token" and _same_batch_and_width(source, target) and source.shape[1] == 1
+
+
+def _is_resizable_pos_embed(key: str, source: torch.Tensor, target: torch.Tensor) -> bool:
+    return ("pos_embed" in key and _same_batch_and_width(source, target)
+            and _is_square(source.shape[1]) and _is_square(target.shape[1]))
+
+
+def _is_square(n: int) -> bool:
+    return math.isqrt(n) ** 2 == n
+
+
+def _interpolate_pos_embed(source: torch.Tensor, new_len: int) -> torch.Tensor:
+    """Bicubic resize of a [1, N, D] square-grid position embedding to [1, new_len, D]."""
+    old_side, new_side = math.isqrt(source.shape[1]), math.isqrt(new_len)
+    width = source.shape[2]
+    grid = source.float().reshape(1, old_side, old_side, width).permute(0, 3, 1, 2)  # [1, D, n, n]
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)  # [1, D, m, m]
+    return grid.permute(0, 2, 3, 1).reshape(1, new_len, width).to(source.dtype)  # [1, M, D]
+
+
+def _width(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    for key in ("fake_latent", "encoder_norm.weight"):
+        if key in state_dict:
+            return int(state_dict[key].shape[-1])
+    return None
+
+
+def _block_count(state_dict: Mapping[str, torch.Tensor]) -> int:
+    pattern = re.compile(r"^encoder_blocks\.(\d+)\.")
+    return len({match.group(1) for key in state_dict if (match := pattern.match(key))})
+
+
+def _mismatch_message(src_sd, target_sd, missing, unexpected, mismatched) -> str:
+    lines = ["checkpoint does not fit the model:"]
+    src_width, target_width = _width(src_sd), _width(target_sd)
+    if src_width is not None and target_width is not None and src_width != target_width:
+        lines.append(f"checkpoint width {src_width} but model width {target_width}: "
+                     "did you pass the right --model?")
+    src_blocks, target_blocks = _block_count(src_sd), _block_count(target_sd)
+    if src_blocks != target_blocks:
+        lines.append(f"checkpoint has {src_blocks} encoder blocks but the model has {target_blocks}: "
+                     "did you pass the right --model?")
+    src_mask, target_mask = src_sd.get("mask_token"), target_sd.get("mask_token")
+    if (src_mask is not None and target_mask is not None and src_mask.ndim == target_mask.ndim == 3
+            and src_mask.shape[1] > 1 and target_mask.shape[1] == 1):
+        lines.append(f"the checkpoint is an MRAR model (mask_token {list(src_mask.shape)}): pass --mrar")
+    for title, items in (("shape mismatches", mismatched), ("missing in checkpoint", missing),
+                         ("unexpected in checkpoint", unexpected)):
+        if items:
+            shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+            lines.append(f"{title} ({len(items)}): " + "; ".join(shown))
+    return "\n".join(lines)

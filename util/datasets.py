@@ -1,0 +1,216 @@
+"""Training datasets: images, cached VAE moments, and MRAR groups of four same-class images.
+
+Class indices always come from the dataset's own class folders (sorted names, hidden folders such
+as ``.ipynb_checkpoints`` ignored) via :func:`find_class_folders`, never from a hard-coded ImageNet
+table; for ImageNet's ``train/`` this is the standard sorted-synset order.
+
+Layouts::
+
+    <data_path>/train/<class>/<image>                  ImageFolderWithChecks, MRARDataset
+    <cached_path>/<class>/<image file name>.npz        CachedLatentFolder ('moments', 'moments_flip')
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import DatasetFolder, ImageFolder
+from torchvision.datasets.folder import default_loader
+
+from util.checkpoint import atomic_write
+
+MOMENTS_KEY = "moments"  # [2C, h, w]: posterior mean and log-variance of the center-cropped image
+MOMENTS_FLIP_KEY = "moments_flip"  # the same for its horizontal mirror
+MRAR_GROUP_SIZE = 4  # images per MRAR example: three references and the final target
+
+
+def find_class_folders(root: str) -> tuple[list[str], dict[str, int]]:
+    """Sorted non-hidden sub-folder names of ``root`` and their indices."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder not found: {root} (expected {root}/<class>/<file>)")
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root} (expected {root}/<class>/<file>)")
+    return classes, {name: index for index, name in enumerate(classes)}
+
+
+def _check_samples(dataset: DatasetFolder, root: str, kind: str) -> None:
+    """Raise if there are no samples at all; warn about classes without any."""
+    if not dataset.samples:
+        raise FileNotFoundError(f"no {kind} files found in the class folders of {root}")
+    counts = np.bincount([target for _, target in dataset.samples], minlength=len(dataset.classes))
+    empty = [name for name, count in zip(dataset.classes, counts, strict=True) if count == 0]
+    if empty:
+        warnings.warn(f"{len(empty)} class folder(s) in {root} hold no {kind} files and keep their index "
+                      f"without samples: {', '.join(empty[:10])}{' ...' if len(empty) > 10 else ''}",
+                      stacklevel=3)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as RGB; an unreadable file raises RuntimeError naming it."""
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise RuntimeError(f"cannot read image {path}: {error}") from error
+
+
+class ImageFolderWithChecks(ImageFolder):
+    """``ImageFolder`` over ``<data_path>/train`` with clear errors.
+
+    Missing or empty folders raise FileNotFoundError; empty class folders only warn (they keep
+    their index). A corrupt image raises RuntimeError naming the file, which keeps runs
+    reproducible; with ``skip_corrupt=True`` it is replaced by the next readable sample (with a
+    warning), so the dataset length, and hence every rank's shard, stays the same.
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None, skip_corrupt: bool = False):
+        self.skip_corrupt = skip_corrupt
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        _check_samples(self, root, "image")
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return find_class_folders(directory)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except RuntimeError as error:
+                if not self.skip_corrupt:
+                    raise
+                warnings.warn(f"skipping corrupt image: {error}", stacklevel=2)
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, target
+        raise RuntimeError(f"no readable image in {self.root}")
+
+
+def cached_latent_path(cached_root: str, image_root: str, image_path: str) -> str:
+    """Cache file of an image: ``<cached_root>/<path relative to image_root>.npz``.
+
+    ``train/n01440764/x.JPEG`` with ``image_root=train`` maps to ``<cached_root>/n01440764/x.JPEG.npz``,
+    the original's naming. Used by the cache writer; :class:`CachedLatentFolder` reads that layout.
+    """
+    relative = os.path.relpath(os.path.abspath(image_path), os.path.abspath(image_root))
+    if relative.startswith(os.pardir):
+        raise ValueError(f"image {image_path} is not inside the image folder {image_root}")
+    return os.path.join(cached_root, relative + ".npz")
+
+
+def write_cached_latent(path: str, moments: torch.Tensor | np.ndarray,
+                        moments_flip: torch.Tensor | np.ndarray) -> None:
+    """Write one cache file atomically (see :func:`util.checkpoint.atomic_write`).
+
+    Ranks may write the same file twice near the end of a shard, and an interrupted run must not
+    leave a truncated file behind. ``moments`` and ``moments_flip`` are [2C, h, w]: the posterior
+    mean and log-variance concatenated on channels.
+    """
+    arrays = {MOMENTS_KEY: moments, MOMENTS_FLIP_KEY: moments_flip}
+    arrays = {key: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+              for key, value in arrays.items()}
+    atomic_write(path, lambda handle: np.savez(handle, **arrays), durable=False)
+
+
+def _load_npz(path: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            return {key: data[key] for key in (MOMENTS_KEY, MOMENTS_FLIP_KEY)}
+    except KeyError as error:
+        raise RuntimeError(f"cache file {path} lacks {error}; expected keys "
+                           f"{MOMENTS_KEY!r} and {MOMENTS_FLIP_KEY!r}") from error
+    except (OSError, ValueError) as error:
+        raise RuntimeError(f"cannot read cache file {path}: {error}") from error
+
+
+class CachedLatentFolder(DatasetFolder):
+    """Cached VAE moments written by ``main_cache.py``: ``(moments [2C, h, w], label)``.
+
+    Each item is the moments of the image or of its mirror, 50/50, drawn from ``generator`` or, when
+    it is None, from torch's global RNG (which DataLoader seeds per worker; one generator object
+    shared by all workers would repeat the same draws in each). ``classes`` fixes the class list,
+    e.g. to the image folder's, when some class has no cache files; by default the cache's own
+    sorted class folders are used, which equal the image folder's for a complete cache.
+    """
+
+    def __init__(self, root: str, classes: Sequence[str] | None = None,
+                 generator: torch.Generator | None = None):
+        self._fixed_classes = list(classes) if classes is not None else None
+        self.generator = generator
+        super().__init__(root, loader=_load_npz, extensions=(".npz",), allow_empty=True)
+        _check_samples(self, root, ".npz")
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        if self._fixed_classes is None:
+            return find_class_folders(directory)
+        return self._fixed_classes, {name: index for index, name in enumerate(self._fixed_classes)}
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        data = self.loader(path)
+        use_original = torch.rand((), generator=self.generator).item() < 0.5
+        moments = data[MOMENTS_KEY] if use_original else data[MOMENTS_FLIP_KEY]
+        return torch.from_numpy(moments), target
+
+
+class MRARDataset(Dataset):
+    """MRAR training groups: ``(img0, img1, img2, img3, label)`` of one class.
+
+    ``index_file`` holds JSON lines ``{"cate": "<class folder>", "files": [f0, f1, f2, f3, ...]}``
+    (the format of the original's ``Imagenet2012_mrar_files.txt``); only ``files[0..3]`` are used,
+    read from ``<image_root>/<cate>/<file>``: f0..f2 are the references, f3 the final target. Each
+    image is transformed independently. The label is ``cate``'s index among the sorted class folders
+    of ``image_root``. The dataset length is the number of lines.
+    """
+
+    def __init__(self, image_root: str, index_file: str, transform: Callable | None = None):
+        self.image_root = image_root
+        self.index_file = index_file
+        self.transform = transform
+        self.classes, self.class_to_idx = find_class_folders(image_root)
+        if not os.path.isfile(index_file):
+            raise FileNotFoundError(f"MRAR index file not found: {index_file} "
+                                    "(build one with tools/build_mrar_index.py)")
+        self.groups: list[tuple[str, tuple[str, ...], int]] = []
+        with open(index_file, encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    self.groups.append(self._parse(line, line_number))
+        if not self.groups:
+            raise ValueError(f"MRAR index file {index_file} has no entries")
+
+    def _parse(self, line: str, line_number: int) -> tuple[str, tuple[str, ...], int]:
+        where = f"{self.index_file}:{line_number}"
+        try:
+            entry = json.loads(line)
+            cate, files = entry["cate"], entry["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{where}: expected {{\"cate\": ..., \"files\": [...]}}, got {line.strip()[:200]!r}") \
+                from error
+        if cate not in self.class_to_idx:
+            raise ValueError(f"{where}: class {cate!r} is not a class folder of {self.image_root}")
+        if not isinstance(files, list) or len(files) < MRAR_GROUP_SIZE:
+            raise ValueError(f"{where}: needs at least {MRAR_GROUP_SIZE} files, got {files!r}")
+        return cate, tuple(files[:MRAR_GROUP_SIZE]), self.class_to_idx[cate]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        cate, files, label = self.groups[index]
+        images = []
+        for name in files:
+            path = os.path.join(self.image_root, cate, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"MRAR group {index} of {self.index_file}: image {path} not found")
+            image = load_rgb(path)
+            images.append(self.transform(image) if self.transform is not None else image)
+        return (*images, label)

@@ -1,0 +1,253 @@
+"""Distributed helpers that also work as a world of one.
+
+Every helper here is safe to call before (or without) :func:`init_distributed`: ranks default to 0,
+the world size to 1, collectives return their input and ``barrier`` does nothing. Training and
+evaluation code therefore never branches on "am I distributed?".
+
+Launchers recognised by :func:`init_distributed`, in the order the MAR original checks them:
+
+* OpenMPI (``--dist_on_itp``): ``OMPI_COMM_WORLD_RANK``, ``OMPI_COMM_WORLD_SIZE``,
+  ``OMPI_COMM_WORLD_LOCAL_RANK``; the rendezvous is ``tcp://$MASTER_ADDR:$MASTER_PORT``.
+* torchrun / ``env://``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``.
+* SLURM (``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` and
+  ``MASTER_PORT`` must be exported by the job script for ``env://``. A single-task allocation is a
+  world of one, not a distributed launch.
+* none of these: a world of one with no process group.
+
+The backend is NCCL on CUDA and gloo otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+DEFAULT_TIMEOUT_MINUTES = 60.0  # rank 0 alone computes FID/IS while the others wait in a barrier
+
+_LOCAL_RANK = 0
+
+
+class LaunchEnv(NamedTuple):
+    """Process placement read from a launcher's environment variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    launcher: str  # 'openmpi' | 'torchrun' | 'slurm'
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What :func:`init_distributed` set up."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    distributed: bool  # True when a process group exists
+    backend: str | None  # None for a world of one
+    device: torch.device  # the device this process should use
+
+
+def _env_int(env: Mapping[str, str], name: str, launcher: str) -> int:
+    if name not in env:
+        raise ValueError(f"{launcher} launch detected but environment variable {name} is not set")
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def parse_launcher_env(env: Mapping[str, str], dist_on_itp: bool = False) -> LaunchEnv | None:
+    """Map launcher environment variables to ``(rank, world_size, local_rank, launcher)``.
+
+    Pure function of ``env`` (pass ``os.environ`` in real use). ``dist_on_itp`` selects the OpenMPI
+    variables, as the MAR flag of that name does. Returns None when no launcher is detected.
+    """
+    if dist_on_itp:
+        return LaunchEnv(_env_int(env, "OMPI_COMM_WORLD_RANK", "OpenMPI"),
+                         _env_int(env, "OMPI_COMM_WORLD_SIZE", "OpenMPI"),
+                         _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "OpenMPI"), "openmpi")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(_env_int(env, "RANK", "torchrun"), _env_int(env, "WORLD_SIZE", "torchrun"),
+                         _env_int(env, "LOCAL_RANK", "torchrun"), "torchrun")
+    if "SLURM_PROCID" in env:
+        world_size = _env_int(env, "SLURM_NTASKS", "SLURM")
+        if world_size == 1:
+            return None
+        return LaunchEnv(_env_int(env, "SLURM_PROCID", "SLURM"), world_size,
+                         _env_int(env, "SLURM_LOCALID", "SLURM"), "slurm")
+    return None
+
+
+def _option(args: argparse.Namespace | Mapping[str, Any] | None, name: str, default: Any) -> Any:
+    if args is None:
+        return default
+    if isinstance(args, Mapping):
+        return args.get(name, default)
+    return getattr(args, name, default)
+
+
+def init_distributed(args: argparse.Namespace | Mapping[str, Any] | None = None,
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
+                     device_type: str | None = None) -> DistInfo:
+    """Join the process group described by the launcher's environment, or run as a world of one.
+
+    Args:
+        args: a Namespace or mapping with the MAR options ``dist_on_itp`` (bool, default False: use
+            the OpenMPI variables) and ``dist_url`` (default ``'env://'``). When it is a Namespace,
+            ``rank``, ``world_size``, ``gpu`` (the local rank) and ``distributed`` are set on it, as
+            MAR's ``init_distributed_mode`` does.
+        timeout_minutes: process-group timeout for collectives. Long by default so that ranks waiting
+            while rank 0 computes metrics are not killed.
+        device_type: 'cuda', 'cpu', ... ; None picks 'cuda' when available, else 'cpu'. CUDA selects
+            the NCCL backend and the GPU of the local rank; anything else uses gloo.
+    """
+    global _LOCAL_RANK
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    dist_on_itp = bool(_option(args, "dist_on_itp", False))
+    launch = parse_launcher_env(os.environ, dist_on_itp)
+
+    if launch is None:
+        _LOCAL_RANK = 0
+        device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
+        info = DistInfo(0, 1, 0, False, None, device)
+    else:
+        _LOCAL_RANK = launch.local_rank
+        if launch.launcher == "openmpi":
+            init_method = f"tcp://{_require_env('MASTER_ADDR')}:{_require_env('MASTER_PORT')}"
+        else:
+            init_method = _option(args, "dist_url", "env://") or "env://"
+            if init_method == "env://":
+                _require_env("MASTER_ADDR")
+                _require_env("MASTER_PORT")
+        if device_type == "cuda":
+            torch.cuda.set_device(launch.local_rank)
+            device, backend = torch.device("cuda", launch.local_rank), "nccl"
+        else:
+            device, backend = torch.device(device_type), "gloo"
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=launch.world_size,
+                                rank=launch.rank, timeout=datetime.timedelta(minutes=timeout_minutes))
+        info = DistInfo(launch.rank, launch.world_size, launch.local_rank, True, backend, device)
+        barrier()
+    if isinstance(args, argparse.Namespace):
+        args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.local_rank
+        args.distributed = info.distributed
+    return info
+
+
+def _require_env(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise RuntimeError(f"distributed launch needs the environment variable {name} "
+                           "(torchrun sets it; with srun or mpirun export it in the job script)")
+    return value
+
+
+def is_initialized() -> bool:
+    """True when a process group exists."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    """Global rank; 0 without a process group."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """Number of processes; 1 without a process group."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """Rank within the node, as set by :func:`init_distributed`; 0 before it."""
+    return _LOCAL_RANK
+
+
+def is_main_process() -> bool:
+    """True on global rank 0."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; no-op without a process group."""
+    if not is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum of a list of numbers over all ranks (float64); the input without a group."""
+    values = [float(v) for v in values]
+    if not is_initialized():
+        return values
+    buffer = torch.tensor(values, dtype=torch.float64, device=_comm_device())  # [N]
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    return buffer.tolist()
+
+
+def all_reduce_mean(x: float | torch.Tensor) -> float:
+    """Mean of a scalar over all ranks, as a Python float."""
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"all_reduce_mean takes a scalar, got a tensor of shape {tuple(x.shape)}")
+        x = x.item()
+    return all_reduce_sum([x])[0] / get_world_size()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (picklable objects); ``obj`` without a group."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (picklable objects); ``[obj]`` without a group."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def ddp_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Context for one micro-step: skips DDP's gradient all-reduce when ``sync`` is False.
+
+    Use ``sync=False`` on every gradient-accumulation micro-step except the last one. For modules
+    that are not DDP-wrapped this is a null context.
+    """
+    if isinstance(module, DistributedDataParallel) and not sync:
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def cleanup() -> None:
+    """Destroy the process group if there is one."""
+    if is_initialized():
+        dist.destroy_process_group()
+

@@ -1,0 +1,51 @@
+"""Learning-rate schedule of MAR/TransDiff: per-iteration linear warm-up, then constant or cosine.
+
+``epoch`` is fractional (``epoch + step / steps_per_epoch``) so the warm-up and the decay move every
+iteration. The original's default schedule is ``constant``; ``cosine`` is a half cycle from ``lr`` to
+``min_lr`` over the epochs after the warm-up.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+SCHEDULES = ("constant", "cosine")
+
+
+def lr_at(epoch: float, lr: float, warmup_epochs: float, epochs: float, schedule: str = "constant",
+          min_lr: float = 0.0) -> float:
+    """Learning rate at fractional ``epoch`` (pure function of its arguments)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {SCHEDULES}")
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    if schedule == "constant":
+        return lr
+    decay_epochs = epochs - warmup_epochs
+    progress = min((epoch - warmup_epochs) / decay_epochs, 1.0) if decay_epochs > 0 else 1.0
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: Any) -> float:
+    """Set every param group's lr for fractional ``epoch`` and return the base lr.
+
+    Reads ``args.lr``, ``args.warmup_epochs``, ``args.epochs``, ``args.lr_schedule`` (default
+    'constant') and ``args.min_lr`` (default 0). A group's ``lr_scale`` multiplies the base lr.
+    """
+    lr = lr_at(epoch, args.lr, args.warmup_epochs, args.epochs, getattr(args, "lr_schedule", "constant"),
+               getattr(args, "min_lr", 0.0))
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return lr
+
+
+def resolve_lr(args: Any, eff_batch_size: int) -> float:
+    """Absolute lr: ``args.lr`` if given, else ``args.blr * eff_batch_size / 256`` (stored in ``args.lr``).
+
+    ``eff_batch_size`` = per-GPU batch size x world size x gradient accumulation steps.
+    """
+    if args.lr is None:
+        args.lr = args.blr * eff_batch_size / 256
+    return args.lr
