@@ -1,4 +1,5 @@
 """One engine for every model mode: training epochs, evaluation (generation + FID/IS) and latent caching."""
+import glob
 import json
 import math
 import os
@@ -185,7 +186,11 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     was_training = net.training
     net.eval()
     folder = evaluation_folder(args, epoch_label, cfg, use_ema)
-    os.makedirs(folder, exist_ok=True)
+    if dist.is_main_process():
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(os.path.join(folder, ".*.tmp")):  # left by a killed run
+            os.remove(stale)
+    dist.barrier()
     logger.info(f"evaluating into {folder}")
     started = time.time()
     generate_images(net, tokenizer, folder, args, cfg, device, context, logger)

@@ -1,6 +1,7 @@
 """TransDiff training and evaluation: `torchrun ... main.py ...` on clusters, or `python main.py ...` on one
 CPU or GPU. Accepts the original's flags (see README); `--help` groups and explains them."""
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -311,13 +312,25 @@ def restore_rng_state(states):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def parameter_digest(model) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks iff their weights are identical."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save(args, model, ema, optimizer, scaler, epoch, name):
-    """Write checkpoint-<name>.pth atomically; every rank contributes its RNG state."""
+    """Write checkpoint-<name>.pth atomically; every rank contributes its RNG state and a weight digest,
+    and a divergence between ranks is an error rather than a silently saved rank-0 copy."""
     states = dist.all_gather_object(rng_state())
+    digests = dist.all_gather_object(parameter_digest(model))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"the ranks' weights diverged at epoch {epoch}: {digests}")
     if not dist.is_main_process():
         return
     state = {"model": model.state_dict(), "model_ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "epoch": epoch, "args": vars(args), "rng_states": states}
+             "epoch": epoch, "args": vars(args), "rng_states": states, "rank_weight_digests": digests}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{name}.pth"), state)
@@ -344,8 +357,11 @@ def main(args):
         with torch.device("meta"):
             tokenizer = AutoencoderKL(embed_dim=args.vae_embed_dim)
     else:
-        tokenizer = build_tokenizer(args.tokenizer, vae_path=args.vae_path, vae_embed_dim=args.vae_embed_dim,
-                                    vae_stride=args.vae_stride).to(device)
+        try:
+            tokenizer = build_tokenizer(args.tokenizer, vae_path=args.vae_path, vae_embed_dim=args.vae_embed_dim,
+                                        vae_stride=args.vae_stride).to(device)
+        except ValueError as error:  # wrong channel count or stride, or a file that is not a KL-16 checkpoint
+            raise SettingsError(str(error)) from None
     model = build_model(args).to(device)
     if args.only_train_diff:
         for name, param in model.named_parameters():
@@ -418,8 +434,10 @@ def cli(argv=None):
     try:
         resolve_args(args)
         main(args)
-    except SettingsError as error:
+    except (SettingsError, FileNotFoundError) as error:
         parser.exit(2, f"main.py: error: {error}\n")
+    except engine.NonFiniteLoss as error:
+        parser.exit(1, f"main.py: {error}\n")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 """FID / Inception Score plumbing (util/metrics.py), ADM .npz export and the reference-statistics CLI.
 
-The real Inception weights cannot be downloaded here, so a random-weight file with torch-fidelity's key
-names and shapes is written once per module and loaded through the real ``feature_extractor_weights_path``
-code path.
+The real Inception weights cannot be downloaded here; the `inception_weights` fixture (conftest.py) writes a
+random-weight file with torch-fidelity's key names and shapes, loaded through the real weights-path code.
 """
 import os
 import subprocess
@@ -60,25 +59,6 @@ def _smooth_images(seed: int, count: int = NUM_IMAGES, size: int = IMAGE_SIZE) -
     end = rng.uniform(0, 255, (count, 1, 1, 3))
     images = start + (end - start) * ramp  # [count, 1, W, 3]
     return np.broadcast_to(images, (count, size, size, 3)).round().astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory) -> Path:
-    """A random-weight ``inception-v3-compat`` weights file with torch-fidelity's exact keys and shapes."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
-        patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        net = tf_inception.FeatureExtractorInceptionV3(metrics.INCEPTION_EXTRACTOR, list(metrics.INCEPTION_FEATURES))
-    generator = torch.Generator().manual_seed(0)
-    state_dict = {}
-    for name, tensor in net.state_dict().items():
-        if name.endswith(".weight") and tensor.dim() > 1:
-            # He-scaled conv/fc weights keep activations O(1); PyTorch's default init shrinks them to ~1e-8.
-            tensor = torch.randn(tensor.shape, generator=generator) * (2.0 / tensor[0].numel()) ** 0.5
-        state_dict[name] = tensor
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
-    torch.save(state_dict, path)
-    return path
 
 
 @pytest.fixture(scope="module")

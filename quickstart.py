@@ -1,0 +1,189 @@
+"""CPU quickstart on real handwritten digits: the whole TransDiff pipeline in about ten minutes.
+
+    python quickstart.py [--out quickstart_out] [--steps 1320] [--threads 1] [--small]
+
+1. Exports scikit-learn's 1,797 digits as an ImageFolder under `<out>/digits` (32 px, 1,437 train / 360 val).
+2. Trains `transdiff_tiny` with `main.py` (pixel tokenizer, CPU) into `<out>`: `checkpoint-last.pth`,
+   `log.txt`, tensorboard events.
+3. Generates `--num_images` class-balanced images per `--cfg` value with `main.py --evaluate` (EMA weights):
+   `<out>/epoch*-cfg*_ema_evaluate/{index:05d}.png`.
+4. Scores every evaluation folder against the held-out real digits with a small CNN judge trained on the
+   train split (`util.digits.score_samples`): class consistency, Frechet distance in the judge's feature
+   space, within-class spread ratio. The real train digits, scored the same way, are the reference row.
+   Writes `<out>/quickstart_metrics.json` and `<out>/samples_grid.png` (a row per class, at the cfg with
+   the lowest Frechet distance), and prints a summary table.
+
+Rerunning into the same `--out` continues the training run up to `--steps` and reuses finished images.
+`--small` is a seconds-long smoke run of the same steps (the test suite uses it).
+"""
+import os
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning, so a busy second core costs little.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.utils import make_grid
+
+import main as transdiff_main
+from util.crops import NORMALIZE, RandomSquareCrop
+from util.digits import (
+    export_digits,
+    load_digits_classifier,
+    load_generated_pngs,
+    load_image_folder_tensor,
+    score_samples,
+    train_digits_classifier,
+)
+
+IMG_SIZE = 32
+CLASS_NUM = 10
+BATCH_SIZE = 32
+TRAIN_IMAGES = 1437  # the export's train split; with drop_last, 44 optimizer steps per epoch
+STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH_SIZE
+WARMUP_STEPS = 30
+GRID_PER_CLASS = 10
+
+# transdiff_tiny (width 64) with the settings that made the original code learn the digits
+# (shared/notes/digits-feasibility.md): 16 buffer slots, no dropout, one noise draw per sample, AdamW 2e-3,
+# a 30-step warm-up, grad clip 3, EMA 0.99 (0.9999 would still hold the initial weights after 1,000 steps).
+MODEL_FLAGS = ["--model", "transdiff_tiny", "--tokenizer", "pixel", "--vae_stride", "2", "--vae_embed_dim", "12",
+               "--img_size", str(IMG_SIZE), "--class_num", str(CLASS_NUM), "--buffer_size", "16",
+               "--attn_dropout", "0", "--proj_dropout", "0", "--device", "cpu", "--num_workers", "0"]
+TRAIN_FLAGS = ["--batch_size", str(BATCH_SIZE), "--lr", "2e-3", "--warmup_epochs", f"{WARMUP_STEPS / STEPS_PER_EPOCH}",
+               "--grad_clip", "3", "--ema_rate", "0.99", "--diffusion_batch_mul", "1"]
+
+
+class RunSize(NamedTuple):
+    steps: int           # optimizer steps (rounded up to whole epochs)
+    num_images: int      # generated images per cfg (a multiple of the 10 classes)
+    sampling_steps: int  # network evaluations per image
+    judge_epochs: int    # training passes of the judge classifier
+
+
+# Class conditioning switches on after 300-500 steps (digits-feasibility.md); 1,320 steps leave a margin.
+DEFAULT_RUN = RunSize(steps=1320, num_images=500, sampling_steps=20, judge_epochs=20)
+SMALL_RUN = RunSize(steps=1, num_images=100, sampling_steps=2, judge_epochs=1)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("TransDiff CPU quickstart on the digits",
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", default="quickstart_out", help="output folder (data, checkpoint, samples, metrics)")
+    parser.add_argument("--steps", default=None, type=int,
+                        help=f"optimizer steps, rounded up to whole epochs of {STEPS_PER_EPOCH} (default "
+                             f"{DEFAULT_RUN.steps}; --small: one epoch)")
+    parser.add_argument("--threads", default=1, type=int,
+                        help="torch threads. 1 measured as fast as 2 for this tiny model on a 2-core machine,\n"
+                             "and 2 run several times slower as soon as another process holds a core")
+    parser.add_argument("--cfg", default="1,2,3,4", help="comma-separated guidance scales to evaluate")
+    parser.add_argument("--small", action="store_true",
+                        help=f"smoke run: one epoch, {SMALL_RUN.num_images} images of {SMALL_RUN.sampling_steps} "
+                             "steps per cfg")
+    return parser
+
+
+def digits_train_transform(img_size: int) -> transforms.Compose:
+    """`util.crops.train_transform` without its random horizontal flip: a mirrored 3 is not a 3."""
+    return transforms.Compose([RandomSquareCrop(img_size), transforms.ToTensor(), NORMALIZE])
+
+
+def train(out: Path, data: Path, epochs: int) -> None:
+    """`main.py` training into `out`; continues `out/checkpoint-last.pth` when there is one."""
+    argv = [*MODEL_FLAGS, *TRAIN_FLAGS, "--data_path", str(data), "--output_dir", str(out), "--epochs", str(epochs)]
+    # main.py has no flag to turn off the ImageNet flip augmentation, so the digits swap in a flip-free transform.
+    with mock.patch.object(transdiff_main, "train_transform", digits_train_transform):
+        transdiff_main.cli(argv)
+
+
+def evaluate(out: Path, cfg: float, run: RunSize) -> Path:
+    """`main.py --evaluate` of the EMA weights in `out` at guidance `cfg`; returns the folder of PNGs."""
+    transdiff_main.cli([*MODEL_FLAGS, "--evaluate", "--resume", str(out), "--output_dir", str(out),
+                        "--cfg", str(cfg), "--num_images", str(run.num_images), "--eval_bsz", "100",
+                        "--num_sampling_steps", str(run.sampling_steps)])
+    records = json.loads((out / "metrics.json").read_text())
+    return Path(records[-1]["folder"])
+
+
+def image_grid(images: torch.Tensor, per_row: int, scale: int = 2) -> Image.Image:
+    """uint8 images [N, 3, H, W] -> a PIL grid of `per_row` columns, upscaled `scale` times (nearest)."""
+    grid = make_grid(images, nrow=per_row, padding=2, pad_value=128)  # [3, H', W']
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """The first `per_class` images of each label, class-major: [classes * per_class, 3, H, W]."""
+    return torch.cat([images[labels == label][:per_class] for label in labels.unique()])
+
+
+def summary_table(rows: dict) -> str:
+    lines = [f"{'':>14} {'class consistency':>18} {'Frechet distance':>17} {'spread ratio':>13}"]
+    for name, scores in rows.items():
+        lines.append(f"{name:>14} {scores['class_consistency']:>18.1%} {scores['frechet_distance']:>17.2f} "
+                     f"{scores['spread_ratio']:>13.2f}")
+    return "\n".join(lines)
+
+
+def headline(scores: dict) -> dict:
+    return {key: scores[key] for key in ("class_consistency", "frechet_distance", "within_class_spread",
+                                         "spread_ratio", "per_class_accuracy")}
+
+
+def run_quickstart(args) -> dict:
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    run = SMALL_RUN if args.small else DEFAULT_RUN
+    out = Path(args.out)
+    data = out / "digits"
+    cfgs = [float(c) for c in args.cfg.split(",")]
+    epochs = max(1, math.ceil((args.steps or run.steps) / STEPS_PER_EPOCH))
+
+    export_digits(data, img_size=IMG_SIZE)
+    train_started = time.time()
+    train(out, data, epochs)
+    train_minutes = (time.time() - train_started) / 60
+    folders = {cfg: evaluate(out, cfg, run) for cfg in cfgs}
+
+    judge_path = data / "judge.pt"
+    if not judge_path.is_file():
+        train_digits_classifier(data, judge_path, img_size=IMG_SIZE, epochs=run.judge_epochs)
+    judge = load_digits_classifier(judge_path)
+    val_images, val_labels = load_image_folder_tensor(data / "val")
+    train_images, train_labels = load_image_folder_tensor(data / "train")
+    reference = score_samples(judge, train_images, train_labels, val_images, val_labels)
+    results, samples = {}, {}
+    for cfg, folder in folders.items():
+        samples[cfg] = load_generated_pngs(folder, run.num_images, CLASS_NUM)
+        results[cfg] = {**headline(score_samples(judge, *samples[cfg], val_images, val_labels)),
+                        "folder": str(folder)}
+    best_cfg = min(results, key=lambda cfg: results[cfg]["frechet_distance"])
+    grid = image_grid(class_rows(*samples[best_cfg], GRID_PER_CLASS), GRID_PER_CLASS)
+    grid.save(out / "samples_grid.png")
+
+    report = {"epochs": epochs, "optimizer_steps": epochs * STEPS_PER_EPOCH, "threads": args.threads,
+              "num_images": run.num_images, "num_sampling_steps": run.sampling_steps,
+              "training_minutes": train_minutes, "total_minutes": (time.time() - started) / 60,
+              "judge_val_accuracy": judge.val_accuracy, "best_cfg": best_cfg,
+              "real_train_digits": headline(reference), "cfg": {str(cfg): scores for cfg, scores in results.items()}}
+    (out / "quickstart_metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+
+    rows = {"real (train)": reference, **{f"cfg {cfg:g}": scores for cfg, scores in results.items()}}
+    print(f"\n{report['optimizer_steps']} steps in {train_minutes:.1f} min of training, "
+          f"{report['total_minutes']:.1f} min in all; judge held-out accuracy {judge.val_accuracy:.1%}")
+    print(summary_table(rows))
+    print(f"best cfg {best_cfg:g} (lowest Frechet distance): {out / 'samples_grid.png'}")
+    return report
+
+
+if __name__ == "__main__":
+    run_quickstart(get_args_parser().parse_args())

@@ -1,0 +1,339 @@
+"""End-to-end runs of main.py / main_cache.py on tiny models and generated images, on CPU (gloo for torchrun)."""
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from util.checkpoint import load_checkpoint
+from util.metrics import save_reference_statistics, statistics_from_folder
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("ants", "bees", "cats")
+IMAGES_PER_CLASS = 8
+TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
+        "--buffer_size 4 --device cpu --num_workers 0 --batch_size 4 --blr 1e-3 --warmup_epochs 1 "
+        "--diffusion_batch_mul 2 --save_last_freq 1 --ema_rate 0.9").split()
+EVAL = "--evaluate --num_images 24 --eval_bsz 4 --num_sampling_steps 4 --cfg 1.5".split()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
+
+
+def write_image_folder(root: Path, size: int = 20) -> Path:
+    """<root>/train/<class>/<i>.png: class-coloured noisy squares (not square-cropped: 20x24 px)."""
+    rng = np.random.RandomState(0)
+    for c, name in enumerate(CLASSES):
+        folder = root / "train" / name
+        folder.mkdir(parents=True)
+        for i in range(IMAGES_PER_CLASS):
+            base = np.zeros((size, size + 4, 3))
+            base[..., c] = 200
+            pixels = np.clip(base + rng.randint(0, 56, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def run(args, nproc=1, check=True, script="main.py", timeout=300):
+    """Run `script` (plain python, or torchrun with `nproc` CPU processes) and return the CompletedProcess."""
+    launcher = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    result = subprocess.run([*launcher, script, *map(str, args)], cwd=REPO_ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT\n{result.stdout[-4000:]}\n"
+                             f"STDERR\n{result.stderr[-4000:]}")
+    return result
+
+
+def load_state(path):
+    return load_checkpoint(str(path))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def pngs(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.png"))}
+
+
+def eval_folder(output_dir):
+    folders = [p for p in Path(output_dir).iterdir() if p.is_dir() and p.name.endswith("_evaluate")]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """A 1-step tiny model trained for 2 epochs in one process."""
+    out = tmp_path_factory.mktemp("trained")
+    run([*TINY, "--data_path", data, "--output_dir", out, "--epochs", 2])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_ddp_training_keeps_ranks_identical_and_resumes_bit_exactly(tmp_path, data):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run([*TINY, "--data_path", data, "--output_dir", straight, "--epochs", 2], nproc=2)
+    run([*TINY, "--data_path", data, "--output_dir", resumed, "--epochs", 1], nproc=2)
+    first = load_state(resumed / "checkpoint-last.pth")
+    assert first["epoch"] == 0
+    assert len(first["rank_weight_digests"]) == 2 and len(set(first["rank_weight_digests"])) == 1
+    result = run([*TINY, "--data_path", data, "--output_dir", resumed, "--epochs", 2], nproc=2)
+    assert "continuing at epoch 1" in result.stdout + result.stderr
+
+    a, b = load_state(straight / "checkpoint-last.pth"), load_state(resumed / "checkpoint-last.pth")
+    assert a["epoch"] == b["epoch"] == 1
+    assert len(set(a["rank_weight_digests"])) == 1
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["model_ema"], b["model_ema"])
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_same_tensors(state_a, state_b)
+    assert (straight / "checkpoint-1.pth").is_file()
+    assert not any(p.name.endswith(".tmp") for p in straight.iterdir())
+
+
+def test_gradient_accumulation_and_bf16_train(tmp_path, data):
+    out = tmp_path / "accum"
+    run([*TINY, "--data_path", data, "--output_dir", out, "--epochs", 1, "--gradient_accumulation_steps", 2,
+         "--bf16", "--grad_checkpointing"])
+    state = load_state(out / "checkpoint-last.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["epoch"] == 0 and np.isfinite(log[-1]["loss"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, data):
+    out = tmp_path / "nan"
+    run([*TINY, "--data_path", data, "--output_dir", out, "--epochs", 1])
+    before = (out / "checkpoint-last.pth").read_bytes()
+    result = run([*TINY, "--data_path", data, "--output_dir", out, "--epochs", 3, "--lr", "1e30",
+                   "--grad_clip", "0"], check=False)
+    assert result.returncode == 1
+    assert "loss is" in result.stderr and "stopping" in result.stderr
+    assert (out / "checkpoint-last.pth").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def test_evaluation_is_independent_of_world_size(tmp_path, trained):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run([*TINY, "--resume", trained, "--output_dir", one, *EVAL])
+    run([*TINY, "--resume", trained, "--output_dir", two, *EVAL], nproc=2)
+    images_one, images_two = pngs(eval_folder(one)), pngs(eval_folder(two))
+    assert sorted(images_one) == [f"{i:05d}.png" for i in range(24)]
+    assert images_one == images_two
+    record = json.loads((one / "metrics.json").read_text())[-1]
+    assert record["num_images"] == 24 and "metrics_skipped" in record  # no FID stats for 16 px: images kept
+
+
+def test_killed_evaluation_resumes_without_duplicates(tmp_path, trained):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    slow = [*TINY, "--resume", trained, *EVAL, "--num_images", 48, "--num_sampling_steps", 60]
+    run([*slow, "--output_dir", reference])
+    command = [sys.executable, "main.py", *map(str, [*slow, "--output_dir", killed])]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        found = list(killed.glob("*_evaluate/*.png"))
+        if len(found) >= 8:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    partial = pngs(eval_folder(killed))
+    assert 8 <= len(partial) < 48, "the run should have been killed midway"
+    run([*slow, "--output_dir", killed])
+    assert pngs(eval_folder(killed)) == pngs(eval_folder(reference))
+    assert not list(eval_folder(killed).glob(".*"))
+
+
+def test_fid_and_inception_score_end_to_end(tmp_path, trained, data, inception_weights):
+    stats = tmp_path / "stats.npz"
+    reference = tmp_path / "reference_images"
+    reference.mkdir()
+    for i, path in enumerate(sorted((data / "train").glob("*/*.png"))):
+        Image.open(path).convert("RGB").resize((16, 16)).save(reference / f"{i:05d}.png")
+    statistics = statistics_from_folder(reference, "cpu", batch_size=8, weights_path=inception_weights,
+                                        num_workers=0)
+    save_reference_statistics(stats, statistics["mu"], statistics["sigma"])
+    out = tmp_path / "eval"
+    run([*TINY, "--resume", trained, "--output_dir", out, *EVAL, "--fid_stats", stats,
+         "--inception_weights", inception_weights, "--require_metrics", "--save_npz"])
+    record = json.loads((out / "metrics.json").read_text())[-1]
+    assert np.isfinite(record["fid"]) and record["fid"] > 0
+    assert record["inception_score"] >= 1.0 and record["num_images"] == 24
+    assert np.load(record["npz"])["arr_0"].shape == (24, 16, 16, 3)
+
+
+def test_missing_metric_files_keep_images_or_fail_when_required(tmp_path, trained):
+    out = tmp_path / "eval"
+    result = run([*TINY, "--resume", trained, "--output_dir", out, *EVAL, "--fid_stats", tmp_path / "absent.npz",
+                  "--require_metrics"], check=False)
+    assert result.returncode == 2 and "absent.npz" in result.stderr
+    result = run([*TINY, "--resume", trained, "--output_dir", out, *EVAL, "--fid_stats", tmp_path / "absent.npz"])
+    assert "absent.npz" in result.stdout + result.stderr
+    assert len(pngs(eval_folder(out))) == 24
+
+
+# --------------------------------------------------------------------------------------------- cached and MRAR
+def test_cached_latents_then_training(tmp_path, data):
+    cache = tmp_path / "cache"
+    run(["--tokenizer", "pixel", "--vae_stride", 2, "--vae_embed_dim", 12, "--img_size", 16,
+         "--data_path", data, "--cached_path", cache, "--device", "cpu", "--num_workers", 0, "--batch_size", 5],
+        script="main_cache.py")
+    files = sorted(cache.rglob("*.npz"))
+    assert len(files) == len(CLASSES) * IMAGES_PER_CLASS
+    moments = np.load(files[0])
+    assert moments["moments"].shape == moments["moments_flip"].shape == (24, 8, 8)
+    out = tmp_path / "run"
+    run([*TINY, "--use_cached", "--cached_path", cache, "--output_dir", out, "--epochs", 1])
+    assert (out / "checkpoint-last.pth").is_file()
+
+
+def test_mrar_index_training_finetune_and_evaluation(tmp_path, data, trained):
+    index = tmp_path / "index.jsonl"
+    subprocess.run([sys.executable, "tools/build_mrar_index.py", "--data_path", str(data), "--out", str(index)],
+                   cwd=REPO_ROOT, env=ENV, check=True, capture_output=True)
+    lines = [json.loads(line) for line in index.read_text().splitlines()]
+    assert len(lines) == len(CLASSES) * IMAGES_PER_CLASS and all(len(line["files"]) == 4 for line in lines)
+    mrar = [*TINY, "--mrar", "--patch_size", 2, "--mrar_index", index, "--data_path", data]
+
+    out = tmp_path / "mrar"
+    run([*mrar, "--output_dir", out, "--epochs", 1])
+    run([*mrar, "--output_dir", out, "--resume", out, *EVAL, "--cfg", "1.0,1.2,1.3,1.5"])
+    assert len(pngs(eval_folder(out))) == 24
+
+    finetune = tmp_path / "finetune"
+    result = run([*mrar, "--output_dir", finetune, "--resume", trained, "--epochs", 1])
+    log = result.stdout + result.stderr
+    assert "adapted: mask_token" in log and "optimizer and epoch start fresh" in log
+    assert load_state(finetune / "checkpoint-last.pth")["epoch"] == 0
+
+
+# --------------------------------------------------------------------------------------------- bad settings
+SEED_README_COMMANDS = {
+    "cache": "main_cache.py --img_size 256 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --batch_size 128 "
+             "--data_path ${IMAGENET_PATH} --cached_path ${CACHED_PATH}",
+    "train_1step": "main.py --img_size 256 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --patch_size 1 "
+                   "--model transdiff_large --diffloss_w 1024 --diffusion_batch_mul 4 --epochs 800 "
+                   "--warmup_epochs 100 "
+                   "--blr 1.0e-4 --batch_size 32 --output_dir ${OUTPUT_DIR} --resume ${OUTPUT_DIR} "
+                   "--data_path ${IMAGENET_PATH}",
+    "train_mrar": "main.py --img_size 256 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --patch_size 1 "
+                  "--model transdiff_large --diffloss_w 1024 --mrar --bf16 --diffusion_batch_mul 2 --epochs 40 "
+                  "--warmup_epochs 10 --lr 5.0e-5 --batch_size 16 --gradient_accumulation_steps 2 "
+                  "--output_dir ${OUTPUT_DIR} --resume ${Transdiff-L_1StepAR_DIR} --data_path ${IMAGENET_PATH}",
+    "train_512": "main.py --img_size 512 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --patch_size 1 "
+                 "--model transdiff_large --diffloss_w 1024 --ema_rate 0.999 --bf16 --diffusion_batch_mul 4 "
+                 "--epochs 150 --warmup_epochs 10 --lr 1.0e-4 --batch_size 16 --gradient_accumulation_steps 2 "
+                 "--only_train_diff --output_dir ${OUTPUT_DIR} --resume ${Transdiff-L_1StepAR_DIR} "
+                 "--data_path ${IMAGENET_PATH}",
+    "eval_1step": "main.py --img_size 256 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --patch_size 1 "
+                  "--model transdiff_large --diffloss_w 1024 --output_dir ${OUTPUT_DIR} --resume ckpt/transdiff_l/ "
+                  "--evaluate --eval_bsz 256 --num_images 50000 --cfg 1.3 --scale_0 0.89 --scale_1 0.95",
+    "eval_mrar": "main.py --img_size 256 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --patch_size 1 "
+                 "--model transdiff_large --diffloss_w 1024 --output_dir ${OUTPUT_DIR} "
+                 "--resume ckpt/transdiff_l_mrar/ "
+                 "--evaluate --eval_bsz 256 --num_images 50000 --cfg 1.3 --scale_0 0.91 --scale_1 0.93",
+    "eval_512": "main.py --img_size 512 --vae_path ckpt/vae/kl16.ckpt --vae_embed_dim 16 --patch_size 1 "
+                "--model transdiff_large --diffloss_w 1024 --output_dir ${OUTPUT_DIR} --resume ckpt/transdiff_l_512/ "
+                "--evaluate --eval_bsz 64 --num_images 50000 --cfg 1.3 --scale_0 0.87 --scale_1 0.87",
+}
+
+
+def _argv(name):
+    text = SEED_README_COMMANDS[name]
+    for variable in ("${IMAGENET_PATH}", "${CACHED_PATH}", "${OUTPUT_DIR}", "${Transdiff-L_1StepAR_DIR}"):
+        text = text.replace(variable, "/data/" + variable.strip("${}"))
+    return shlex.split(text)[1:]
+
+
+@pytest.mark.parametrize("name", sorted(SEED_README_COMMANDS))
+def test_seed_readme_commands_parse(name):
+    import main
+    import main_cache
+    if name == "cache":
+        args = main_cache.get_args_parser().parse_args(_argv(name))
+        assert args.cached_path == "/data/CACHED_PATH"
+        return
+    args = main.get_args_parser().parse_args(_argv(name))
+    if name == "train_mrar":
+        with pytest.raises(main.SettingsError, match="--mrar needs --patch_size 2"):
+            main.resolve_args(args)
+        args = main.get_args_parser().parse_args([*_argv(name), "--patch_size", "2"])
+    main.resolve_args(args)
+    assert args.diffloss_w == 1024 and args.sampler == "maruyama"
+    with torch.device("meta"):  # full-size weights are never allocated
+        model = main.build_model(args)
+    assert model.mrar == args.mrar and model.img_size == args.img_size
+
+
+def test_mrar_checkpoint_evaluated_without_mrar_says_which_flag_is_missing(tmp_path, data):
+    out = tmp_path / "mrar"
+    index = tmp_path / "index.jsonl"
+    subprocess.run([sys.executable, "tools/build_mrar_index.py", "--data_path", str(data), "--out", str(index)],
+                   cwd=REPO_ROOT, env=ENV, check=True, capture_output=True)
+    run([*TINY, "--mrar", "--patch_size", 2, "--mrar_index", index, "--data_path", data, "--output_dir", out,
+         "--epochs", 1])
+    result = run([*TINY, "--patch_size", 2, "--resume", out, "--output_dir", tmp_path / "eval", *EVAL], check=False)
+    assert result.returncode == 2 and "add --mrar --patch_size 2" in result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mrar", "--patch_size", "1"], "--mrar needs --patch_size 2"),
+    (["--img_size", "17"], "not divisible by the tokenizer stride"),
+    (["--vae_embed_dim", "16"], "--vae_embed_dim 12"),
+    (["--tokenizer", "kl16", "--vae_stride", "16", "--vae_embed_dim", "16", "--vae_path", "/none/kl16.ckpt"],
+     "/none/kl16.ckpt"),
+    (["--data_path", "/nonexistent/data"], "/nonexistent/data/train"),
+    (["--evaluate", "--num_images", "10"], "multiple of --class_num"),
+    (["--preset", "transdiff_l_mrar"], "--preset transdiff_l_mrar is for --model transdiff_large --mrar"),
+    (["--sampler", "euler", "--scale_0", "0.9"], "only apply to --sampler maruyama"),
+])
+def test_bad_settings_give_a_clear_message(tmp_path, flags, message):
+    result = run([*TINY, "--output_dir", tmp_path / "out", "--data_path", tmp_path, "--epochs", 1, *flags],
+                 check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_model_size_checkpoint_is_refused_and_not_overwritten(tmp_path, trained, data):
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = out / "checkpoint-last.pth"
+    foreign.write_bytes((trained / "checkpoint-last.pth").read_bytes())
+    before = foreign.read_bytes()
+    result = run([*TINY, "--model", "transdiff_base", "--data_path", data, "--output_dir", out, "--epochs", 1],
+                 check=False)
+    assert result.returncode == 2 and "width 64" in result.stderr and "--model transdiff_tiny" in result.stderr
+    assert foreign.read_bytes() == before
+
+
+def test_corrupt_image_and_empty_class_folder(tmp_path):
+    data = write_image_folder(tmp_path / "data")
+    (data / "train" / "empty_class").mkdir()
+    (data / "train" / "bees" / "broken.png").write_bytes(b"not a png")
+    result = run([*TINY, "--data_path", data, "--output_dir", tmp_path / "out", "--epochs", 1], check=False)
+    assert result.returncode != 0 and "broken.png" in result.stderr
+    assert "empty_class" in result.stderr  # warned, not fatal
+    result = run([*TINY, "--data_path", data, "--output_dir", tmp_path / "out", "--epochs", 1, "--skip_corrupt",
+                  "--class_num", 4])
+    assert "skipping corrupt image" in result.stderr
