@@ -27,9 +27,9 @@ from models.flow import TIME_SCALE, FlowLossOutput, flow_matching_loss
 from models.noise import as_noise_source
 from models.samplers import VelocityFn, run_sampler
 
-# Parity: the 1-step encoder always holds the token count of a 256 px image; the 512 px model is the
-# 256 px model finetuned with a larger decoder (1024 tokens) that cross-attends to the same 256 tokens.
-MAX_COND_IMG_SIZE = 256
+# Parity: the 1-step encoder holds at most 256 condition tokens (the 16x16 grid of a 256 px image); the 512 px
+# model is the 256 px model finetuned with a larger decoder (1024 tokens) cross-attending to the same 256.
+MAX_COND_TOKENS = 256
 
 
 class TrainingOutput(NamedTuple):
@@ -106,7 +106,7 @@ class TransDiff(nn.Module):
             self.decoder_patch_size = 1
         else:
             self.num_stages = 1
-            self.seq_len = (min(img_size, MAX_COND_IMG_SIZE) // vae_stride // patch_size) ** 2
+            self.seq_len = min((latent_size // patch_size) ** 2, MAX_COND_TOKENS)
             self.tokens_per_stage = self.seq_len
             self.decoder_patch_size = patch_size
         self.decoder_grid = latent_size // self.decoder_patch_size

@@ -1,13 +1,8 @@
 #!/usr/bin/env bash
-# Creates .venv if needed, installs the pinned requirements, lints, and runs the test suite on CPU.
+# The test suite on CPU: creates .venv if needed, installs the pinned requirements, lints, runs pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PYTHON" -m venv .venv
-fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+source "$(dirname "$0")/venv.sh" requirements-dev.txt
 .venv/bin/python -m ruff check .
-# One OpenMP thread per process: the CI machine has 2 cores shared by the torchrun ranks of the tests.
+# One OpenMP thread per process: the 2 cores of a CI machine are shared by the torchrun ranks of the tests.
 export OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE
 .venv/bin/python -m pytest -q "$@"

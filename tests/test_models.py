@@ -34,6 +34,7 @@ def latents(model, batch=2, seed=1):
 
 # ------------------------------------------------------------------------------------- geometry
 @pytest.mark.parametrize("mrar,img_size,stride", [(False, 32, 2), (False, 256, 16), (False, 512, 16), (False, 64, 4),
+                                                   (False, 16, 2), (False, 32, 1),
                                                    (True, 32, 2), (True, 256, 16), (True, 64, 4)])
 def test_geometry_is_derived(mrar, img_size, stride):
     model = TransDiff(img_size=img_size, vae_stride=stride, patch_size=2 if mrar else 1, mrar=mrar,
@@ -45,7 +46,7 @@ def test_geometry_is_derived(mrar, img_size, stride):
         assert (model.num_stages, model.tokens_per_stage, model.seq_len) == (4, (latent // 2) ** 2, latent ** 2)
         assert model.mask_token.shape == (1, model.tokens_per_stage, 32)
     else:
-        assert model.seq_len == (min(img_size, 256) // stride) ** 2
+        assert model.seq_len == min(latent ** 2, 256)
     assert model.encoder_pos_embed_learned.shape[1] == 8 + model.seq_len
 
 
@@ -250,3 +251,46 @@ def test_bf16_cast_model_keeps_float32_time_frequencies():
     out = model.diffdecoder.net(torch.randn(1, 256, 4, dtype=torch.bfloat16),
                                 torch.randn(1, 256, 64, dtype=torch.bfloat16), torch.tensor([500.0]))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_released_style_checkpoint_loads_with_weights_only(tmp_path):
+    import argparse
+
+    from util.checkpoint import load_checkpoint, select_weights
+    model = build()
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "model_ema": {k: v + 1 for k, v in model.state_dict().items()},
+                "epoch": 799, "args": argparse.Namespace(model="transdiff_tiny", mrar=False)}, path)
+    checkpoint = load_checkpoint(str(path))  # torch.load(weights_only=True) with an allow-list
+    assert checkpoint["args"] == {"model": "transdiff_tiny", "mrar": False} and checkpoint["epoch"] == 799
+    fresh = build()
+    weights, source = select_weights(checkpoint, use_ema=True)
+    fresh.load_state_dict(weights, strict=True)
+    assert source == "model_ema"
+    assert torch.equal(fresh.fake_latent, model.fake_latent + 1)
+
+
+class Payload:
+    """Any class outside the allow-list: unpickling it could run arbitrary code."""
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(tmp_path):
+    from util.checkpoint import load_checkpoint
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "payload": Payload()}, path)
+    with pytest.raises(ValueError, match="evil.pth"):
+        load_checkpoint(str(path))
+
+
+def test_no_forbidden_dependencies():
+    """diffusers, transformers and opencv are not dependencies: their few helpers are our own lines."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for p in root.rglob("*.py") if ".venv" not in p.parts] + [root / "demo.ipynb"]
+    for path in sources:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            words = line.replace('"', " ").strip().split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] not in {"diffusers", "transformers", "cv2"}, f"{path}: {line}"

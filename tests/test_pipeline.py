@@ -337,3 +337,23 @@ def test_corrupt_image_and_empty_class_folder(tmp_path):
     result = run([*TINY, "--data_path", data, "--output_dir", tmp_path / "out", "--epochs", 1, "--skip_corrupt",
                   "--class_num", 4])
     assert "skipping corrupt image" in result.stderr
+
+
+def test_512_style_finetune_adapts_decoder_positions_and_freezes_the_encoder(tmp_path, data):
+    """The 256 -> 512 px finetune in miniature: 16 -> 32 px with a stride-1 tokenizer (256 -> 1024 decoder tokens,
+    the same 256 condition tokens), --only_train_diff."""
+    stride_one = [*TINY, "--vae_stride", 1, "--vae_embed_dim", 3, "--data_path", data, "--epochs", 1]
+    source = tmp_path / "source"
+    run([*stride_one, "--output_dir", source])
+    finetune = tmp_path / "finetune"
+    result = run([*stride_one, "--img_size", 32, "--only_train_diff", "--resume", source, "--output_dir", finetune])
+    assert "adapted: diffdecoder.net.diffusion_pos_embed_learned" in result.stdout + result.stderr
+    before, after = load_state(source / "checkpoint-last.pth"), load_state(finetune / "checkpoint-last.pth")
+    assert after["epoch"] == 0
+    assert after["model"]["diffdecoder.net.diffusion_pos_embed_learned"].shape[1] == 1024
+    for key, value in after["model"].items():
+        if key.startswith("diffdecoder."):
+            continue
+        assert torch.equal(value, before["model"][key]), key
+    assert not torch.equal(after["model"]["diffdecoder.net.input_proj.weight"],
+                           before["model"]["diffdecoder.net.input_proj.weight"])
