@@ -130,7 +130,8 @@ def get_args_parser():
     group.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth writes")
 
     group = parser.add_argument_group("distributed")
-    group.add_argument("--device", default="cuda", help="cuda, cpu, mps, ... (cuda falls back with an error)")
+    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="cuda, cpu, mps, ... (default: cuda when available)")
     group.add_argument("--world_size", default=1, type=int)
     group.add_argument("--local_rank", default=-1, type=int)
     group.add_argument("--dist_on_itp", action="store_true", help="OpenMPI launcher variables")
@@ -234,7 +235,7 @@ def check_checkpoint_matches_flags(weights, model, args, path):
         raise SettingsError(f"{path} is an MRAR checkpoint (mask_token {tuple(mask.shape)}): add --mrar --patch_size 2")
     width = weights["fake_latent"].shape[1] if "fake_latent" in weights else None
     if width is not None and width != model.fake_latent.shape[1]:
-        names = [n for n, f in TRANSDIFF_MODELS.items() if f is not None and _width_of(n) == width]
+        names = [name for name in TRANSDIFF_MODELS if _width_of(name) == width]
         raise SettingsError(f"{path} has width {width} but --model {args.model} has width "
                             f"{model.fake_latent.shape[1]}" + (f": pass --model {names[0]}" if names else ""))
 
