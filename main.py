@@ -285,7 +285,9 @@ def restore(args, model, ema, optimizer, scaler, logger):
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        restore_rng_state(checkpoint.get("rng_states"))
+        if not restore_rng_state(checkpoint.get("rng_states")):
+            logger.warning("the world size changed since this checkpoint: training continues, but its random "
+                           "draws differ from an uninterrupted run")
         logger.info(f"resumed {path} (epoch {epoch}): continuing at epoch {epoch + 1}")
         return epoch + 1, str(epoch)
     if args.evaluate:
@@ -300,10 +302,10 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore_rng_state(states):
-    """Each rank restores its own generator states (if the world size did not change)."""
+def restore_rng_state(states) -> bool:
+    """Each rank restores its own generator states; False (nothing restored) if the world size changed."""
     if not states or len(states) != dist.get_world_size():
-        return
+        return False
     state = states[dist.get_rank()]
     torch.set_rng_state(state["torch"])
     numpy_state = np.random.get_state()
@@ -311,6 +313,7 @@ def restore_rng_state(states):
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    return True
 
 
 def parameter_digest(model) -> str:
