@@ -73,6 +73,8 @@ def get_args_parser():
     group.add_argument("--use_cached", action="store_true", help="train on latents cached by main_cache.py")
     group.add_argument("--cached_path", default="", help="folder written by main_cache.py")
     group.add_argument("--skip_corrupt", action="store_true", help="skip unreadable images with a warning")
+    group.add_argument("--no_hflip", action="store_false", dest="hflip",
+                       help="no random horizontal flips (on by default, as the original; off for digits or text)")
     group.add_argument("--num_workers", default=10, type=int)
     group.add_argument("--pin_mem", action="store_true", default=True)
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -222,10 +224,11 @@ def resolve_device(name):
 def build_train_dataset(args):
     train_root = os.path.join(args.data_path, "train")
     if args.use_cached:
-        return CachedLatentFolder(args.cached_path)
+        return CachedLatentFolder(args.cached_path, hflip=args.hflip)
+    transform = train_transform(args.img_size, hflip=args.hflip)
     if args.mrar:
-        return MRARDataset(train_root, args.mrar_index, transform=train_transform(args.img_size))
-    return ImageFolderWithChecks(train_root, transform=train_transform(args.img_size), skip_corrupt=args.skip_corrupt)
+        return MRARDataset(train_root, args.mrar_index, transform=transform)
+    return ImageFolderWithChecks(train_root, transform=transform, skip_corrupt=args.skip_corrupt)
 
 
 def check_checkpoint_matches_flags(weights, model, args, path):
@@ -246,7 +249,7 @@ def _width_of(name):
 
 
 def restore(args, model, ema, optimizer, scaler, logger):
-    """Load a checkpoint. Returns (start_epoch, epoch_label).
+    """Load a checkpoint (optimizer and scaler are None when evaluating). Returns (start_epoch, epoch_label).
 
     Our own run's `<output_dir>/checkpoint-last.pth` wins (an interrupted run continues exactly: weights,
     EMA, optimizer, scaler, epoch and every rank's RNG state). Otherwise `--resume` continues exactly when
@@ -374,23 +377,24 @@ def main(args):
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{trainable / 1e6:.2f}M trainable")
 
+    ema = EMA(model)
+    writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
+    context = engine.precision_context(args.precision, device)
+    if args.evaluate:
+        _, epoch_label = restore(args, model, ema, None, None, logger)
+        engine.evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger,
+                        cfg=args.cfg, use_ema=not args.eval_wo_ema)
+        writer.close()
+        dist.cleanup()
+        return
+
     eff_batch = args.batch_size * dist.get_world_size() * args.gradient_accumulation_steps
     args.lr = resolve_lr(args, eff_batch)
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     logger.info(f"effective batch {eff_batch}, lr {args.lr:.3g}")
     scaler = build_grad_scaler(args.precision == "fp16" or (args.precision == "auto" and device.type == "cuda"),
                                device.type)
-    ema = EMA(model)
-    start_epoch, epoch_label = restore(args, model, ema, optimizer, scaler, logger)
-    writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
-    context = engine.precision_context(args.precision, device)
-
-    if args.evaluate:
-        engine.evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger,
-                        cfg=args.cfg, use_ema=not args.eval_wo_ema)
-        writer.close()
-        dist.cleanup()
-        return
+    start_epoch, _ = restore(args, model, ema, optimizer, scaler, logger)
 
     dataset = build_train_dataset(args)
     logger.info(f"training data: {len(dataset)} examples in {len(getattr(dataset, 'classes', []) or [])} classes")

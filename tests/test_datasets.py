@@ -209,3 +209,14 @@ def test_mrar_dataset_missing_index_or_file(image_root, tmp_path):
     dataset = MRARDataset(str(image_root), _index(tmp_path, [line]))
     with pytest.raises(FileNotFoundError, match="gone.png not found"):
         dataset[0]
+
+
+def test_train_transform_without_hflip_never_mirrors():
+    pixels = (np.arange(32 * 32 * 3) % 251).reshape(32, 32, 3).astype(np.uint8)  # [H, W, 3], asymmetric
+    expected = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1  # [3, H, W] in [-1, 1]
+    transform = train_transform(32, hflip=False)
+    for _ in range(16):
+        assert torch.allclose(transform(Image.fromarray(pixels)), expected, atol=1e-6)
+    flipped = [torch.allclose(train_transform(32)(Image.fromarray(pixels)), expected.flip(-1), atol=1e-6)
+               for _ in range(16)]
+    assert any(flipped) and not all(flipped)

@@ -61,10 +61,11 @@ class RandomSquareCrop:
         return square.resize((self.image_size, self.image_size), resample=Image.BICUBIC)
 
 
-def train_transform(img_size: int) -> transforms.Compose:
-    """Training augmentation on images: random square crop, random h-flip, tensor in [-1, 1] [3, H, W]."""
-    return transforms.Compose([RandomSquareCrop(img_size), transforms.RandomHorizontalFlip(),
-                               transforms.ToTensor(), NORMALIZE])
+def train_transform(img_size: int, hflip: bool = True) -> transforms.Compose:
+    """Training augmentation on images: random square crop, random h-flip (unless `hflip=False`, e.g. for
+    digits, where a mirrored 3 is not a 3), tensor in [-1, 1] [3, H, W]."""
+    flip = [transforms.RandomHorizontalFlip()] if hflip else []
+    return transforms.Compose([RandomSquareCrop(img_size), *flip, transforms.ToTensor(), NORMALIZE])
 
 
 def cache_transform(img_size: int) -> transforms.Compose:

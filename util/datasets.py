@@ -134,7 +134,8 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 class CachedLatentFolder(DatasetFolder):
     """Cached VAE moments written by ``main_cache.py``: ``(moments [2C, h, w], label)``.
 
-    Each item is the moments of the image or of its mirror, 50/50, drawn from ``generator`` or, when
+    Each item is the moments of the image or (unless ``hflip=False``) of its mirror, 50/50, drawn from
+    ``generator`` or, when
     it is None, from torch's global RNG (which DataLoader seeds per worker; one generator object
     shared by all workers would repeat the same draws in each). ``classes`` fixes the class list,
     e.g. to the image folder's, when some class has no cache files; by default the cache's own
@@ -142,9 +143,10 @@ class CachedLatentFolder(DatasetFolder):
     """
 
     def __init__(self, root: str, classes: Sequence[str] | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, hflip: bool = True):
         self._fixed_classes = list(classes) if classes is not None else None
         self.generator = generator
+        self.hflip = hflip
         super().__init__(root, loader=_load_npz, extensions=(".npz",), allow_empty=True)
         _check_samples(self, root, ".npz")
 
@@ -156,7 +158,7 @@ class CachedLatentFolder(DatasetFolder):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
         data = self.loader(path)
-        use_original = torch.rand((), generator=self.generator).item() < 0.5
+        use_original = not self.hflip or torch.rand((), generator=self.generator).item() < 0.5
         moments = data[MOMENTS_KEY] if use_original else data[MOMENTS_FLIP_KEY]
         return torch.from_numpy(moments), target
 
