@@ -17,7 +17,8 @@ Conventions owned here:
 
 Metrics (``score_samples``), all in the judge's feature space unless stated:
 - ``class_consistency``: fraction of samples the judge assigns to their intended label (pixel space).
-- ``frechet_distance``: Frechet distance between Gaussian fits of sample and reference features.
+- ``frechet_distance``: Frechet distance between Gaussian fits of sample and reference features (the same
+  computation as FID, ``util.metrics.frechet_distance``).
 - ``within_class_spread``: for each class, the mean Euclidean distance of its samples' features to that
   class's feature mean; then the unweighted mean over classes. Samples are grouped by intended label,
   reference images by true label. ``spread_ratio`` = samples / reference: a set that collapses every class
@@ -31,11 +32,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+
+from util.metrics import frechet_distance
 
 MANIFEST_NAME = "digits_export.json"
 EXPORT_FORMAT_VERSION = 1
@@ -385,28 +387,6 @@ def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need features [N >= 2, D], got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2).
-
-    ``|mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2))``. When the product's square root is not
-    finite (singular covariances), ``eps`` is added to both diagonals; a tiny imaginary part left by
-    rounding is dropped.
-    """
-    diff = mu1 - mu2
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(len(sigma1)) * eps
-        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        imag = np.abs(covmean.imag).max()
-        if imag > 1e-3 * max(1.0, np.abs(covmean.real).max()):
-            raise ValueError(f"matrix square root has a large imaginary component ({imag:.3g})")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
 def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:

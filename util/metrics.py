@@ -40,8 +40,8 @@ from torch_fidelity.utils import create_feature_extractor, glob_samples_paths
 from torchvision.transforms import Compose
 from tqdm import tqdm
 
+from util.checkpoint import atomic_write
 from util.crops import CenterCropArr
-from util.npz_export import atomic_write
 
 PathLike = str | os.PathLike
 DeviceLike = str | torch.device
@@ -174,8 +174,7 @@ def save_reference_statistics(path: PathLike, mu, sigma) -> None:
     mu = np.asarray(mu, dtype=np.float32)
     sigma = np.asarray(sigma, dtype=np.float64)
     _check_statistics(mu, sigma, "save_reference_statistics")
-    with atomic_write(path) as f:
-        np.savez(f, mu=mu, sigma=sigma)
+    atomic_write(str(path), lambda handle: np.savez(handle, mu=mu, sigma=sigma))
 
 
 def _as_float_array(x) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""ADM-style ``.npz`` sample batches and atomic file writes.
+"""ADM-style ``.npz`` sample batches.
 
 The ADM evaluator (openai/guided-diffusion ``evaluations/evaluator.py``), used by DiT, SiT, REPA and VAR
 for FID / sFID / IS / precision / recall, reads a sample batch as an ``.npz`` holding one array ``arr_0``
@@ -6,40 +6,17 @@ of uint8 images ``[N, H, W, 3]``. ``write_adm_npz`` packs a folder of generated 
 without holding all images in memory: the ``.npy`` member is streamed chunk by chunk into the
 (uncompressed, zip64) archive, exactly the container ``np.savez`` would write.
 """
-import contextlib
 import os
-import tempfile
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from util.checkpoint import atomic_write
+
 PathLike = str | os.PathLike
-
-
-@contextlib.contextmanager
-def atomic_write(path: PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary binary file next to ``path``; on success it replaces ``path`` in one step.
-
-    A crash or an exception while writing leaves any previous file at ``path`` untouched and removes
-    the temporary file. Parent folders are created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp_name)
-        raise
 
 
 def list_pngs(image_dir: PathLike) -> list[Path]:
@@ -82,12 +59,15 @@ def write_adm_npz(image_dir: PathLike, out_path: PathLike, shuffle_seed: int = 0
     height, width, _ = _load_rgb(files[order[0]]).shape
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(files), height, width, 3)}
-    with (atomic_write(out_path) as f,
-          zipfile.ZipFile(f, mode="w", compression=zipfile.ZIP_STORED) as archive,
-          archive.open("arr_0.npy", mode="w", force_zip64=True) as member):
-        np.lib.format.write_array_header_1_0(member, header)
-        for start in range(0, len(files), chunk_size):
-            chunk = np.stack([_load_rgb(files[i], (height, width))
-                              for i in order[start:start + chunk_size]])  # [n, H, W, 3]
-            member.write(chunk.tobytes())
+
+    def write(handle: BinaryIO) -> None:
+        with (zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED) as archive,
+              archive.open("arr_0.npy", mode="w", force_zip64=True) as member):
+            np.lib.format.write_array_header_1_0(member, header)
+            for start in range(0, len(files), chunk_size):
+                chunk = np.stack([_load_rgb(files[i], (height, width))
+                                  for i in order[start:start + chunk_size]])  # [n, H, W, 3]
+                member.write(chunk.tobytes())
+
+    atomic_write(str(out_path), write)
     return len(files)
