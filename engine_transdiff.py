@@ -16,6 +16,7 @@ from models.tokenizers import decode_from_latents, encode_to_latents, latents_fr
 from util import distributed as dist
 from util.checkpoint import atomic_write
 from util.datasets import cached_latent_path, write_cached_latent
+from util.eval_layout import image_class, image_seed
 from util.logger import MetricLogger, SmoothedValue
 from util.lr_sched import adjust_learning_rate
 from util.metrics import (
@@ -97,16 +98,6 @@ def train_one_epoch(ddp_model, model, ema, tokenizer, loader, optimizer, scaler,
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def image_class(index: int, num_images: int, class_num: int) -> int:
-    """Image `index` of an evaluation run belongs to class `index // (num_images // class_num)`."""
-    return index // (num_images // class_num)
-
-
-def image_seed(base_seed: int, index: int) -> int:
-    """Per-image seed: the same image whatever the world size, batch order or resumption."""
-    return (base_seed << 32) + index
-
-
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (round((x + 1) / 2 · 255), clipped), as the original."""
     pixels = ((images.float().cpu() + 1) / 2 * 255).clamp(0, 255).round()
@@ -223,7 +214,10 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
 
 def append_metrics(path: str, record: dict) -> None:
     """Add `record` to the JSON list in `path` (created if absent), atomically."""
-    records = json.load(open(path)) if os.path.exists(path) else []
+    records = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            records = json.load(handle)
     records.append(record)
     payload = json.dumps(records, indent=1, default=str).encode()
     atomic_write(path, lambda handle: handle.write(payload), durable=False)

@@ -16,7 +16,6 @@ from util.digits import (
     MANIFEST_NAME,
     export_digits,
     frechet_distance,
-    generated_image_class,
     load_digits_classifier,
     load_generated_pngs,
     load_image_folder_tensor,
@@ -25,6 +24,7 @@ from util.digits import (
     train_digits_classifier,
     within_class_spread,
 )
+from util.eval_layout import image_class
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -187,10 +187,10 @@ def test_within_class_spread_definition():
 
 
 def test_generated_naming_maps_indices_to_classes(tmp_path):
-    assert [generated_image_class(i, 20, 10) for i in range(20)] == [i // 2 for i in range(20)]
-    assert generated_image_class(999, 1000, 10) == 9
+    assert [image_class(i, 20, 10) for i in range(20)] == [i // 2 for i in range(20)]
+    assert image_class(999, 1000, 10) == 9
     with pytest.raises(ValueError, match="multiple"):
-        generated_image_class(0, 25, 10)
+        image_class(0, 25, 10)
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 4, 4) * 40
     for index in range(6):
         Image.fromarray(images[index].permute(1, 2, 0).numpy()).save(tmp_path / f"{index:05d}.png")

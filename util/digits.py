@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from util.eval_layout import image_class
 from util.metrics import frechet_distance
 
 MANIFEST_NAME = "digits_export.json"
@@ -171,15 +172,6 @@ def load_image_folder_tensor(folder) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor(labels, dtype=torch.int64)
 
 
-def generated_image_class(index: int, num_images: int, class_num: int) -> int:
-    """Class of generated image ``index`` in the evaluation loop's class-major order."""
-    if num_images % class_num != 0:
-        raise ValueError(f"num_images ({num_images}) must be a multiple of class_num ({class_num})")
-    if not 0 <= index < num_images:
-        raise IndexError(f"image index {index} outside [0, {num_images})")
-    return index // (num_images // class_num)
-
-
 def load_generated_pngs(folder, num_images: int, class_num: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Read the evaluation output ``{index:05d}.png`` for ``index < num_images`` and their intended classes.
 
@@ -196,7 +188,7 @@ def load_generated_pngs(folder, num_images: int, class_num: int) -> tuple[torch.
         with Image.open(path) as image:
             arrays.append(np.asarray(image.convert("RGB")))  # [H, W, 3]
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W]
-    labels = torch.tensor([generated_image_class(i, num_images, class_num) for i in range(num_images)])
+    labels = torch.tensor([image_class(i, num_images, class_num) for i in range(num_images)])
     return images, labels
 
 
