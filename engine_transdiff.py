@@ -1,31 +1,25 @@
 """One engine for every model mode: training epochs, evaluation (generation + FID/IS) and latent caching."""
 import glob
-import json
 import math
 import os
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from models.noise import PerImageNoise
+from models.samplers import DEFAULT_SAMPLER
 from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
 from util import distributed as dist
-from util.checkpoint import atomic_write
 from util.datasets import cached_latent_path, write_cached_latent
 from util.eval_layout import image_class, image_seed
+from util.eval_metrics import EVAL_METRICS
+from util.images import to_uint8
+from util.io import TMP_SUFFIX, append_json_record, save_png
 from util.logger import MetricLogger, SmoothedValue
 from util.lr_sched import adjust_learning_rate
-from util.metrics import (
-    MissingMetricFile,
-    compute_fid_is,
-    default_fid_stats_path,
-    load_reference_statistics,
-    resolve_inception_weights,
-)
+from util.metrics import MissingMetricFile
 from util.npz_export import write_adm_npz
 
 PRINT_FREQ = 20
@@ -56,14 +50,15 @@ def batch_to_latents(batch, tokenizer, device, use_cached: bool):
     return (latents if len(latents) > 1 else latents[0]), labels.to(device, non_blocking=True)
 
 
-def train_one_epoch(ddp_model, model, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context,
-                    writer, logger):
-    """One pass over `loader`; returns the epoch's averaged stats.
+def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context, writer,
+                    logger):
+    """One pass over `loader` with the model of `execution` (`util.execution`); returns the epoch's averaged stats.
 
     Gradients of `gradient_accumulation_steps` micro-batches are summed (Parity: the original does not
-    divide the loss), DDP all-reduces only on the last micro-batch, then clip, step, EMA update.
+    divide the loss), gradients are synchronised only on the last micro-batch, then clip, step, EMA update.
     """
-    ddp_model.train()
+    model = execution.module
+    execution.train_module.train()
     metrics = MetricLogger(print_fn=logger.info)
     metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
     accumulation = args.gradient_accumulation_steps
@@ -73,9 +68,9 @@ def train_one_epoch(ddp_model, model, ema, tokenizer, loader, optimizer, scaler,
         lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
         latents, labels = batch_to_latents(batch, tokenizer, device, args.use_cached)
         sync = (step + 1) % accumulation == 0 or step + 1 == steps
-        with dist.ddp_sync(ddp_model, sync):
+        with execution.grad_sync(sync):
             with context():
-                loss = ddp_model(latents, labels)
+                loss = execution.train_module(latents, labels)
             loss_value = dist.all_reduce_mean(loss.detach().float())
             if not math.isfinite(loss_value):
                 raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch}, step {step}; stopping. The last "
@@ -98,23 +93,12 @@ def train_one_epoch(ddp_model, model, ema, tokenizer, loader, optimizer, scaler,
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8 (round((x + 1) / 2 · 255), clipped), as the original."""
-    pixels = ((images.float().cpu() + 1) / 2 * 255).clamp(0, 255).round()
-    return pixels.to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def save_png(path: str, pixels: np.ndarray) -> None:
-    """Write one HxWx3 uint8 PNG atomically (an interrupted run never leaves a truncated image)."""
-    atomic_write(path, lambda handle: Image.fromarray(pixels).save(handle, format="PNG"), durable=False)
-
-
 def evaluation_folder(args, epoch_label, cfg, use_ema: bool) -> str:
     """The original's folder name (plus the sampler when it is not the default)."""
     cfg_name = ",".join(str(c) for c in cfg) if isinstance(cfg, list) else cfg
     name = (f"epoch{epoch_label}-diffsteps{args.num_sampling_steps}-cfg{cfg_name}-image{args.num_images}-"
             f"scale{args.scale_0}-{args.scale_1}")
-    if args.sampler != "maruyama":
+    if args.sampler != DEFAULT_SAMPLER:
         name += f"-{args.sampler}"
     name += "_ema" if use_ema else ""
     name += "_evaluate" if args.evaluate else ""
@@ -155,31 +139,35 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
     return generated
 
 
-def metric_files(args):
-    """(Inception weights, reference statistics) or the MissingMetricFile that says what is absent."""
-    try:
-        stats = args.fid_stats or default_fid_stats_path(args.img_size)
-        if stats is None:
-            raise MissingMetricFile("FID reference statistics", f"<none for --img_size {args.img_size}>",
-                                    "pass --fid_stats (tools/make_fid_stats.py builds one from an image folder)")
-        load_reference_statistics(stats)
-        return (resolve_inception_weights(args.inception_weights), stats), None
-    except MissingMetricFile as missing:
-        return None, missing
+def build_metrics(args):
+    """The `--metrics` of the run, each checked before generation: (usable metrics, {name: why skipped}).
+
+    A metric whose files are missing is skipped with its message, or raises with `--require_metrics`.
+    """
+    metrics, skipped = [], {}
+    for name in args.metrics:
+        metric = EVAL_METRICS[name](args)
+        try:
+            metric.check()
+        except MissingMetricFile as missing:
+            if args.require_metrics:
+                raise
+            skipped[name] = str(missing)
+            continue
+        metrics.append(metric)
+    return metrics, skipped
 
 
 def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger, cfg, use_ema=True):
-    """Generate `num_images` class-balanced images, then FID/IS on rank 0. Returns the result record."""
-    files, missing = metric_files(args)
-    if missing is not None and args.require_metrics:
-        raise missing
+    """Generate `num_images` class-balanced images, then run the `--metrics` on rank 0. Returns the record."""
+    metrics, skipped = build_metrics(args)
     net = ema.module if use_ema else model
     was_training = net.training
     net.eval()
     folder = evaluation_folder(args, epoch_label, cfg, use_ema)
     if dist.is_main_process():
         os.makedirs(folder, exist_ok=True)
-        for stale in glob.glob(os.path.join(folder, ".*.tmp")):  # left by a killed run
+        for stale in glob.glob(os.path.join(folder, "*" + TMP_SUFFIX)):  # left by a killed run
             os.remove(stale)
     dist.barrier()
     logger.info(f"evaluating into {folder}")
@@ -195,32 +183,22 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
         if args.save_npz:
             record["npz"] = folder + ".npz"
             write_adm_npz(folder, record["npz"])
-        if missing is None:
-            weights, stats = files
-            scores = compute_fid_is(folder, stats, device, weights_path=weights)
+        postfix = ("_ema" if use_ema else "") + ("" if cfg == 1.0 else f"_cfg{cfg}") + f"_{args.sampler}"
+        step = int(epoch_label) if epoch_label.isdigit() else 0
+        for metric in metrics:
+            scores = metric.compute(folder, device)
             record.update(scores)
-            postfix = ("_ema" if use_ema else "") + ("" if cfg == 1.0 else f"_cfg{cfg}") + f"_{args.sampler}"
-            step = int(epoch_label) if epoch_label.isdigit() else 0
-            writer.add_scalar(f"fid{postfix}", scores["fid"], step)
-            writer.add_scalar(f"is{postfix}", scores["inception_score"], step)
-            logger.info(f"FID: {scores['fid']:.4f}, Inception Score: {scores['inception_score']:.4f}")
-        else:
-            record["metrics_skipped"] = str(missing)
-            logger.warning(f"images kept in {folder}; FID/IS skipped: {missing}")
-        append_metrics(os.path.join(args.output_dir, "metrics.json"), record)
+            for key, value in scores.items():
+                if isinstance(value, float):
+                    writer.add_scalar(f"{key}{postfix}", value, step)
+            logger.info(f"{metric.name}: " + ", ".join(f"{key} {value:.4f}" for key, value in scores.items()
+                                                      if isinstance(value, float)))
+        for name, why in skipped.items():
+            record.setdefault("metrics_skipped", {})[name] = why
+            logger.warning(f"images kept in {folder}; {name} skipped: {why}")
+        append_json_record(os.path.join(args.output_dir, "metrics.json"), record)
     dist.barrier()
     return record
-
-
-def append_metrics(path: str, record: dict) -> None:
-    """Add `record` to the JSON list in `path` (created if absent), atomically."""
-    records = []
-    if os.path.exists(path):
-        with open(path) as handle:
-            records = json.load(handle)
-    records.append(record)
-    payload = json.dumps(records, indent=1, default=str).encode()
-    atomic_write(path, lambda handle: handle.write(payload), durable=False)
 
 
 # ---------------------------------------------------------------------------------------------- caching

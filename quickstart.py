@@ -5,11 +5,12 @@
 1. Exports scikit-learn's 1,797 digits as an ImageFolder under `<out>/digits` (32 px, 1,437 train / 360 val).
 2. Trains `transdiff_tiny` with `main.py` (pixel tokenizer, CPU) into `<out>`: `checkpoint-last.pth`,
    `log.txt`, tensorboard events.
-3. Generates `--num_images` class-balanced images per `--cfg` value with `main.py --evaluate` (EMA weights):
-   `<out>/epoch*-cfg*_ema_evaluate/{index:05d}.png`.
-4. Scores every evaluation folder against the held-out real digits with a small CNN judge trained on the
-   train split (`util.digits.score_samples`): class consistency, Frechet distance in the judge's feature
-   space, within-class spread ratio. The real train digits, scored the same way, are the reference row.
+3. Trains a small CNN judge on the train split (`digits.judge`): `<out>/digits/judge.pt`.
+4. Generates `--num_images` class-balanced images per `--cfg` value with `main.py --evaluate --metrics digits`
+   (EMA weights) into `<out>/epoch*-cfg*_ema_evaluate/{index:05d}.png`, which scores them against the held-out
+   real digits (`digits.metric.DigitsJudge`): class consistency, Frechet distance in the judge's feature
+   space, within-class spread ratio; the scores are read back from `<out>/metrics.json`. The real train
+   digits, scored the same way (`digits.scores`), are the reference row.
    Writes `<out>/quickstart_metrics.json` and `<out>/samples_grid.png` (a row per class, at the cfg with
    the lowest Frechet distance), and prints a summary table.
 
@@ -29,18 +30,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from PIL import Image
-from torchvision.utils import make_grid
 
 import main as transdiff_main
-from util.digits import (
-    export_digits,
-    load_digits_classifier,
-    load_generated_pngs,
-    load_image_folder_tensor,
-    score_samples,
-    train_digits_classifier,
-)
+from digits.data import export_digits
+from digits.judge import load_digits_classifier, train_digits_classifier
+from digits.metric import HEADLINE_SCORES
+from digits.scores import score_samples
+from util.images import image_grid, read_generated_images, read_image_folder
+from util.io import atomic_write, write_json
 
 IMG_SIZE = 32
 CLASS_NUM = 10
@@ -98,20 +95,17 @@ def train(out: Path, data: Path, epochs: int) -> None:
     transdiff_main.cli(argv)
 
 
-def evaluate(out: Path, cfg: float, run: RunSize) -> Path:
-    """`main.py --evaluate` of the EMA weights in `out` at guidance `cfg`; returns the folder of PNGs."""
+def evaluate(out: Path, data: Path, judge_path: Path, cfg: float, run: RunSize) -> dict:
+    """`main.py --evaluate --metrics digits` of the EMA weights in `out` at guidance `cfg`.
+
+    Returns the evaluation's record in `out/metrics.json`: the judge's scores and the `folder` of PNGs.
+    """
     transdiff_main.cli([*MODEL_FLAGS, "--evaluate", "--resume", str(out), "--output_dir", str(out),
                         "--cfg", str(cfg), "--num_images", str(run.num_images), "--eval_bsz", "100",
-                        "--num_sampling_steps", str(run.sampling_steps)])
-    records = json.loads((out / "metrics.json").read_text())
-    return Path(records[-1]["folder"])
-
-
-def image_grid(images: torch.Tensor, per_row: int, scale: int = 2) -> Image.Image:
-    """uint8 images [N, 3, H, W] -> a PIL grid of `per_row` columns, upscaled `scale` times (nearest)."""
-    grid = make_grid(images, nrow=per_row, padding=2, pad_value=128)  # [3, H', W']
-    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
-    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+                        "--num_sampling_steps", str(run.sampling_steps), "--metrics", "digits",
+                        "--digits_judge", str(judge_path), "--ref_images", str(data / "val"),
+                        "--require_metrics"])
+    return json.loads((out / "metrics.json").read_text())[-1]
 
 
 def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
@@ -128,8 +122,8 @@ def summary_table(rows: dict) -> str:
 
 
 def headline(scores: dict) -> dict:
-    return {key: scores[key] for key in ("class_consistency", "frechet_distance", "within_class_spread",
-                                         "spread_ratio", "per_class_accuracy")}
+    """The judge's headline scores (`digits.metric.HEADLINE_SCORES`) out of a longer dict."""
+    return {key: scores[key] for key in HEADLINE_SCORES}
 
 
 def run_quickstart(args) -> dict:
@@ -145,30 +139,28 @@ def run_quickstart(args) -> dict:
     train_started = time.time()
     train(out, data, epochs)
     train_minutes = (time.time() - train_started) / 60
-    folders = {cfg: evaluate(out, cfg, run) for cfg in cfgs}
 
     judge_path = data / "judge.pt"
     if not judge_path.is_file():
         train_digits_classifier(data, judge_path, img_size=IMG_SIZE, epochs=run.judge_epochs)
     judge = load_digits_classifier(judge_path)
-    val_images, val_labels = load_image_folder_tensor(data / "val")
-    train_images, train_labels = load_image_folder_tensor(data / "train")
-    reference = score_samples(judge, train_images, train_labels, val_images, val_labels)
-    results, samples = {}, {}
-    for cfg, folder in folders.items():
-        samples[cfg] = load_generated_pngs(folder, run.num_images, CLASS_NUM)
-        results[cfg] = {**headline(score_samples(judge, *samples[cfg], val_images, val_labels)),
-                        "folder": str(folder)}
+    results = {}
+    for cfg in cfgs:
+        record = evaluate(out, data, judge_path, cfg, run)
+        results[cfg] = {**headline(record), "folder": record["folder"]}
+    reference = score_samples(judge, *read_image_folder(data / "train"), *read_image_folder(data / "val"))
+
     best_cfg = min(results, key=lambda cfg: results[cfg]["frechet_distance"])
-    grid = image_grid(class_rows(*samples[best_cfg], GRID_PER_CLASS), GRID_PER_CLASS)
-    grid.convert("L").save(out / "samples_grid.png", optimize=True)  # the digits are grey: one channel
+    samples = read_generated_images(results[best_cfg]["folder"], run.num_images, CLASS_NUM)  # [N, 3, H, W], [N]
+    grid = image_grid(class_rows(*samples, GRID_PER_CLASS), GRID_PER_CLASS).convert("L")  # the digits are grey
+    atomic_write(out / "samples_grid.png", lambda handle: grid.save(handle, format="PNG", optimize=True))
 
     report = {"epochs": epochs, "optimizer_steps": epochs * STEPS_PER_EPOCH, "threads": args.threads,
               "num_images": run.num_images, "num_sampling_steps": run.sampling_steps,
               "training_minutes": train_minutes, "total_minutes": (time.time() - started) / 60,
               "judge_val_accuracy": judge.val_accuracy, "best_cfg": best_cfg,
               "real_train_digits": headline(reference), "cfg": {str(cfg): scores for cfg, scores in results.items()}}
-    (out / "quickstart_metrics.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_json(out / "quickstart_metrics.json", report)
 
     rows = {"real (train)": reference, **{f"cfg {cfg:g}": scores for cfg, scores in results.items()}}
     print(f"\n{report['optimizer_steps']} steps in {train_minutes:.1f} min of training, "

@@ -13,13 +13,13 @@ import torch.nn.functional as F
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, L, D] -> [B, H, L, D/H]."""
     batch, length, width = x.shape
-    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)  # [B, H, L, D/H]
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, H, L, D/H] -> [B, L, D]."""
     batch, heads, length, head_dim = x.shape
-    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)
+    return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # [B, L, D]
 
 
 class Mlp(nn.Module):
@@ -53,18 +53,18 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x [B, L, D]; mask: bool [1, 1, L, L], True where a query may attend to a key."""
         batch, length, width = x.shape
-        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads)
+        qkv = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads)  # [B, L, 3, H, D/H]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D/H]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+                                             dropout_p=self.attn_drop if self.training else 0.0)  # [B, H, L, D/H]
         return self.proj_drop(self.proj(merge_heads(out)))  # [B, L, D]
 
 
 class CrossAttention(nn.Module):
     """Queries from the tokens, keys/values from the condition.
 
-    `key_values(cond)` is split out so that samplers can compute it once per image: the condition does
-    not change across the diffusion steps.
+    `key_values(cond)` is split out so that it is computed once per image (`DecoderNet.prepare_condition`):
+    the condition does not change across the diffusion steps.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -91,7 +91,7 @@ class CrossAttention(nn.Module):
             raise ValueError(f"condition batch {keys.shape[0]} does not match token batch {x.shape[0]}")
         q = split_heads(self.wq(x), self.num_heads)  # [B, H, L, D/H]
         out = F.scaled_dot_product_attention(q, keys, values,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+                                             dropout_p=self.attn_drop if self.training else 0.0)  # [B, H, L, D/H]
         return self.proj_drop(self.proj(merge_heads(out)))  # [B, L, D]
 
 

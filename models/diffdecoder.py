@@ -17,10 +17,10 @@ TIME_FREQ_DIM = 256
 MAX_PERIOD = 10000
 
 
-def sinusoidal_frequencies(dim: int = TIME_FREQ_DIM, device=None) -> torch.Tensor:
-    """[dim/2] float32 frequencies `exp(-ln(MAX_PERIOD) · i / (dim/2))`."""
-    half = dim // 2
-    exponent = -math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=device)
+def sinusoidal_frequencies() -> torch.Tensor:
+    """[TIME_FREQ_DIM/2] float32 frequencies `exp(-ln(MAX_PERIOD) · i / (TIME_FREQ_DIM/2))`."""
+    half = TIME_FREQ_DIM // 2
+    exponent = -math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32)  # [128]
     return torch.exp(exponent / half)
 
 
@@ -40,18 +40,18 @@ class TimestepEmbedder(nn.Module):
         if self._freqs.device != t.device:
             self._freqs = self._freqs.to(t.device)
         angles = t.float()[:, None] * self._freqs[None, :]  # [B, 128]
-        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # [B, 256]
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = self.time_features(t).to(self.linear_1.weight.dtype)
+        features = self.time_features(t).to(self.linear_1.weight.dtype)  # [B, 256]
         return self.linear_2(self.act(self.linear_1(features)))  # [B, D]
 
 
 class TimeConditioning(nn.Module):
     """`temb` [B, D] and the six shared block modulations `time_proj(SiLU(temb))` [B, 6, D].
 
-    Fix: the original rounds SiLU(temb) to bfloat16 before `time_proj`, which fails in float32 and moves
-    the velocity by ~2.5e-3; we stay in the ambient dtype.
+    Parity (fixed, not reproduced): the original rounds SiLU(temb) to bfloat16 before `time_proj`, which
+    fails in float32 and moves the velocity by ~2.5e-3; we stay in the ambient dtype.
     """
 
     def __init__(self, width: int):

@@ -3,9 +3,10 @@
 * `TorchNoise(generator)`: draws whole tensors from one `torch.Generator` (or the global RNG).
 * `PerImageNoise(generators)`: row `i` of every draw comes from generator `i`, so an image's noise does
   not depend on which batch it landed in (EDM's `StackedRandomGenerator` idea).
-* `ReplayNoise(tensors)`: hands out recorded tensors in order (golden-tensor parity tests).
+
+Anything with the `NoiseSource` method `randn(shape, *, device, dtype)` can be passed instead.
 """
-from typing import Iterable, List, Optional, Protocol, Sequence, Union
+from typing import Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -29,28 +30,15 @@ class PerImageNoise:
         self.generators = list(generators)
 
     @classmethod
-    def from_seeds(cls, seeds: Iterable[int], device: Union[str, torch.device] = "cpu") -> "PerImageNoise":
-        """One generator per seed; `device` is where the draws happen (CPU draws are device independent)."""
-        return cls([torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds])
+    def from_seeds(cls, seeds: Iterable[int]) -> "PerImageNoise":
+        """One CPU generator per seed: draws happen on the CPU, so they do not depend on the device."""
+        return cls([torch.Generator().manual_seed(int(seed)) for seed in seeds])
 
     def randn(self, shape, *, device, dtype):
         if shape[0] != len(self.generators):
             raise ValueError(f"draw of batch {shape[0]} but {len(self.generators)} per-image generators")
         rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in self.generators]
-        return torch.stack(rows).to(device)
-
-
-class ReplayNoise:
-    def __init__(self, tensors: Iterable[torch.Tensor]):
-        self.pending: List[torch.Tensor] = list(tensors)
-
-    def randn(self, shape, *, device, dtype):
-        if not self.pending:
-            raise RuntimeError("ReplayNoise ran out of recorded draws")
-        draw = self.pending.pop(0)
-        if tuple(draw.shape) != tuple(shape):
-            raise ValueError(f"recorded draw has shape {tuple(draw.shape)}, asked for {tuple(shape)}")
-        return draw.to(device=device, dtype=dtype)
+        return torch.stack(rows).to(device)  # [B, *shape[1:]]
 
 
 def as_noise_source(generator) -> NoiseSource:

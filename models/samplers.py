@@ -89,16 +89,32 @@ def heun(velocity: VelocityFn, x: torch.Tensor, t_steps: torch.Tensor, noise: Op
 
 
 class SamplerSpec(NamedTuple):
+    """What the CLI, the engine and the notebook need to know of a sampler.
+
+    `run(velocity, x, t_steps, noise[, scale_0, scale_1])` integrates from noise to data; a stochastic
+    sampler draws from `noise` and takes the `scale_0`/`scale_1` of the original, a deterministic one
+    takes neither. `evals_per_step` is the network evaluations per step of the time grid.
+    """
+
     run: Callable[..., torch.Tensor]
     time_grid: Callable[..., torch.Tensor]
     stochastic: bool
+    evals_per_step: int
+    min_steps: int = 1
 
 
 SAMPLERS: Dict[str, SamplerSpec] = {
-    "maruyama": SamplerSpec(euler_maruyama, sde_time_grid, stochastic=True),
-    "euler": SamplerSpec(euler, ode_time_grid, stochastic=False),
-    "heun": SamplerSpec(heun, ode_time_grid, stochastic=False),
+    # N-1 stochastic steps and one mean step: at least 2.
+    "maruyama": SamplerSpec(euler_maruyama, sde_time_grid, stochastic=True, evals_per_step=1, min_steps=2),
+    "euler": SamplerSpec(euler, ode_time_grid, stochastic=False, evals_per_step=1),
+    "heun": SamplerSpec(heun, ode_time_grid, stochastic=False, evals_per_step=2),
 }
+DEFAULT_SAMPLER = "maruyama"  # the original's, used for the paper's numbers
+
+
+def network_evaluations(name: str, num_steps: int) -> int:
+    """Velocity-network evaluations per image (per MRAR stage), without guidance's doubled batch."""
+    return SAMPLERS[name].evals_per_step * num_steps
 
 
 def run_sampler(name: str, velocity: VelocityFn, x: torch.Tensor, num_steps: int, noise: NoiseSource,
@@ -109,10 +125,10 @@ def run_sampler(name: str, velocity: VelocityFn, x: torch.Tensor, num_steps: int
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     spec = SAMPLERS[name]
+    if num_steps < spec.min_steps:
+        raise ValueError(f"the {name} sampler needs at least {spec.min_steps} steps, got {num_steps}")
     t_steps = spec.time_grid(num_steps, device=x.device)
     if spec.stochastic:
-        if num_steps < 2:
-            raise ValueError("the maruyama sampler needs at least 2 steps (N-1 stochastic steps + 1 mean step)")
         return spec.run(velocity, x, t_steps, noise, scale_0=scale_0, scale_1=scale_1)
     if (scale_0, scale_1) != (1.0, 1.0):
         raise ValueError(f"scale_0/scale_1 only apply to the maruyama sampler, not {name!r}; leave them at 1.0")

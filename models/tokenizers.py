@@ -13,19 +13,13 @@ Latent convention (applied only here): the diffusion model sees `posterior.sampl
 `models.vae.KL16_LATENT_SCALE`; the pixel tokenizer uses 1.
 """
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.vae import DiagonalGaussianDistribution, load_kl16
-
-TOKENIZERS = ("kl16", "pixel")
-"""Names accepted by `build_tokenizer` (use as argparse `choices`)."""
-
-_KL16_EMBED_DIM = 16
-_KL16_STRIDE = 16
+from models.vae import AutoencoderKL, DiagonalGaussianDistribution, load_kl16
 
 
 class PixelTokenizer(nn.Module):
@@ -71,49 +65,93 @@ class PixelTokenizer(nn.Module):
         return F.pixel_shuffle(z, self.stride)  # [B, channels, H, W]
 
 
+def _build_pixel(vae_path, stride: int, channels: int) -> nn.Module:
+    return PixelTokenizer(stride, channels)
+
+
+def _build_kl16(vae_path, stride: int, channels: int) -> nn.Module:
+    if vae_path is None:
+        raise ValueError("the kl16 tokenizer needs its checkpoint: pass --vae_path path/to/kl16.ckpt")
+    return load_kl16(vae_path)
+
+
+def _empty_kl16(stride: int, channels: int) -> nn.Module:
+    with torch.device("meta"):
+        return AutoencoderKL(embed_dim=16)
+
+
+class TokenizerSpec(NamedTuple):
+    """What building a tokenizer by name needs.
+
+    `build(vae_path, stride, channels)` returns the module with its weights; `fixed_stride` is the only
+    stride it supports (None: any); `embed_dim(stride, channels)` the latent channels it produces;
+    `needs_weights` whether `build` reads `vae_path`; `build_empty(stride, channels)` a weightless module
+    (meta device) that still turns cached moments into latents, for training on cached latents.
+    """
+
+    build: Callable[[Optional[Union[str, Path]], int, int], nn.Module]
+    fixed_stride: Optional[int]
+    embed_dim: Callable[[int, int], int]
+    needs_weights: bool
+    build_empty: Callable[[int, int], nn.Module]
+    rgb_only: bool
+
+
+TOKENIZERS: Dict[str, TokenizerSpec] = {
+    # MAR's KL-16 VAE: RGB -> 16 channels at stride 16.
+    "kl16": TokenizerSpec(_build_kl16, fixed_stride=16, embed_dim=lambda stride, channels: 16, needs_weights=True,
+                          build_empty=_empty_kl16, rgb_only=True),
+    # Parameter-free space-to-depth: channels * stride^2 latent channels.
+    "pixel": TokenizerSpec(_build_pixel, fixed_stride=None, embed_dim=lambda stride, channels: channels * stride**2,
+                           needs_weights=False, build_empty=lambda stride, channels: PixelTokenizer(stride, channels),
+                           rgb_only=False),
+}
+
+
+def check_tokenizer_settings(name: str, vae_embed_dim: int, vae_stride: int, channels: int = 3) -> TokenizerSpec:
+    """The spec of tokenizer `name`, after checking that the model's latent settings fit it.
+
+    Raises:
+        ValueError: unknown name, or `vae_embed_dim`/`vae_stride`/`channels` inconsistent with the tokenizer
+            (the message says which flags to pass).
+    """
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
+    spec = TOKENIZERS[name]
+    if vae_stride < 1:
+        raise ValueError(f"--vae_stride must be a positive integer, got {vae_stride}")
+    if spec.rgb_only and channels != 3:
+        raise ValueError(f"the {name} tokenizer takes RGB images only (got {channels} channels)")
+    stride = spec.fixed_stride or vae_stride
+    embed_dim = spec.embed_dim(stride, channels)
+    if (vae_stride, vae_embed_dim) != (stride, embed_dim):
+        raise ValueError(f"the {name} tokenizer with stride {stride} and {channels} image channels produces "
+                         f"{embed_dim} latent channels: pass --vae_embed_dim {embed_dim} --vae_stride {stride} "
+                         f"(got vae_embed_dim={vae_embed_dim}, vae_stride={vae_stride})")
+    return spec
+
+
 def build_tokenizer(
     name: str,
     vae_path: Optional[Union[str, Path]] = None,
-    vae_embed_dim: int = _KL16_EMBED_DIM,
-    vae_stride: int = _KL16_STRIDE,
+    vae_embed_dim: int = 16,
+    vae_stride: int = 16,
     channels: int = 3,
+    with_weights: bool = True,
 ) -> nn.Module:
-    """Build a frozen, eval-mode tokenizer by name.
+    """Build a frozen, eval-mode tokenizer by name (a key of `TOKENIZERS`).
 
     Args:
-        name: one of `TOKENIZERS`.
-        vae_path: the KL-16 checkpoint (`kl16.ckpt`); required for `kl16`, ignored by `pixel`.
-        vae_embed_dim: latent channels C the model is built for; must be what the tokenizer produces
-            (16 for `kl16`, `channels * vae_stride**2` for `pixel`).
-        vae_stride: pixels per latent position along each side (16 for `kl16`; any positive integer
-            dividing the image size for `pixel`).
-        channels: image channels for `pixel` (3 for RGB, 1 for grayscale); `kl16` takes RGB only.
-
-    Raises:
-        ValueError: unknown name, or `vae_embed_dim`/`vae_stride`/`channels` inconsistent with the
-            tokenizer (the message says which value to pass).
+        vae_path: the weights file, for tokenizers that need one (`kl16.ckpt`).
+        vae_embed_dim, vae_stride: the latent channels and stride the model is built for; they must be what
+            the tokenizer produces (see `check_tokenizer_settings`).
+        channels: image channels (3 for RGB, 1 for grayscale where the tokenizer allows it).
+        with_weights: False builds the weightless module of `TokenizerSpec.build_empty` (cached training).
     """
-    if name == "pixel":
-        tokenizer = PixelTokenizer(vae_stride, channels)
-        if vae_embed_dim != tokenizer.embed_dim:
-            raise ValueError(
-                f"the pixel tokenizer with stride {vae_stride} and {channels} image channels produces "
-                f"{tokenizer.embed_dim} latent channels: pass --vae_embed_dim {tokenizer.embed_dim} "
-                f"(got {vae_embed_dim})"
-            )
-    elif name == "kl16":
-        if vae_embed_dim != _KL16_EMBED_DIM or vae_stride != _KL16_STRIDE or channels != 3:
-            raise ValueError(
-                f"the kl16 tokenizer maps RGB images to {_KL16_EMBED_DIM} latent channels at stride "
-                f"{_KL16_STRIDE}: pass --vae_embed_dim {_KL16_EMBED_DIM} --vae_stride {_KL16_STRIDE} "
-                f"(got vae_embed_dim={vae_embed_dim}, vae_stride={vae_stride}, channels={channels})"
-            )
-        if vae_path is None:
-            raise ValueError("the kl16 tokenizer needs its checkpoint: pass --vae_path path/to/kl16.ckpt")
-        tokenizer = load_kl16(vae_path)
-    else:
-        raise ValueError(f"unknown tokenizer {name!r}; choose one of {', '.join(TOKENIZERS)}")
-    return tokenizer.eval().requires_grad_(False)
+    spec = check_tokenizer_settings(name, vae_embed_dim, vae_stride, channels)
+    if not with_weights:
+        return spec.build_empty(vae_stride, channels).eval().requires_grad_(False)
+    return spec.build(vae_path, vae_stride, channels).eval().requires_grad_(False)
 
 
 def _scaled_sample(

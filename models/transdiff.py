@@ -13,6 +13,11 @@ to them. One class covers both modes:
 Inputs are latents already multiplied by the tokenizer's `latent_scale` (see `models.tokenizers`).
 Classifier-free guidance layout: the doubled batch is `[cond; uncond]`, the unconditional embedding is the
 learned `fake_latent`.
+
+Shapes: B batch, D width, C latent channels, h × w latent grid; L condition tokens, Ls = `tokens_per_stage`,
+S = `num_stages`, buf = `buffer_size`; encoder reference tokens have width C·p² (p = `patch_size`); the
+decoder sees N = `diff_seqlen` tokens of width `decoder_token_dim`, written C (it is C·p² for a 1-step
+model with p > 1; MRAR decodes at patch 1).
 """
 from functools import partial
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
@@ -43,13 +48,13 @@ class TrainingOutput(NamedTuple):
 
 def drop_labels(class_embedding: torch.Tensor, fake_latent: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
     """Replace the rows of `class_embedding` [B, D] where `drop` [B] (bool) by `fake_latent` [1, D]."""
-    return torch.where(drop[:, None], fake_latent, class_embedding)
+    return torch.where(drop[:, None], fake_latent, class_embedding)  # [B, D]
 
 
 def block_causal_mask(block_sizes: Sequence[int]) -> torch.Tensor:
     """bool [1, 1, T, T], True where a query may attend: a query in block i sees key blocks 0..i."""
     block_ids = torch.tensor([block for block, size in enumerate(block_sizes) for _ in range(size)])  # [T]
-    return (block_ids[None, :] <= block_ids[:, None])[None, None]
+    return (block_ids[None, :] <= block_ids[:, None])[None, None]  # [1, 1, T, T]
 
 
 class TransDiff(nn.Module):
@@ -149,27 +154,32 @@ class TransDiff(nn.Module):
         self.apply(_init_linear_and_norm)
         self.diffdecoder.net.initialize_weights()
 
-    def patchify(self, x: torch.Tensor, patch_size: Optional[int] = None, hw: Optional[int] = None) -> torch.Tensor:
-        """[B, C, H, W] -> [B, (H/p)·(W/p), C·p²]; feature index c·p² + i·p + j (channel outermost)."""
-        p = patch_size or self.patch_size
-        batch, channels, height, width = x.shape
-        if hw is not None and hw * p != height:
-            raise ValueError(f"hw={hw} with patch {p} does not match latent height {height}")
-        x = x.reshape(batch, channels, height // p, p, width // p, p)
-        x = torch.einsum("nchpwq->nhwcpq", x)
-        return x.reshape(batch, (height // p) * (width // p), channels * p * p)
+    def patchify(self, x: torch.Tensor, patch_size: Optional[int] = None) -> torch.Tensor:
+        """Latents [B, C, H, W] (H = W = `latent_size`) -> tokens [B, h·w, C·p²] with h = H/p, w = W/p.
 
-    def unpatchify(self, x: torch.Tensor, patch_size: Optional[int] = None, hw: Optional[int] = None) -> torch.Tensor:
-        """[B, h·w, C·p²] -> [B, C, h·p, w·p] (square grid)."""
+        Feature index c·p² + i·p + j (channel outermost). p defaults to the encoder's `patch_size`.
+        """
         p = patch_size or self.patch_size
+        batch, channels = x.shape[0], self.vae_embed_dim
+        if x.shape[1:] != (channels, self.latent_size, self.latent_size):
+            raise ValueError(f"expected latents [B, {channels}, {self.latent_size}, {self.latent_size}], "
+                             f"got {list(x.shape)}")
+        grid = self.latent_size // p
+        x = x.reshape(batch, channels, grid, p, grid, p)  # [B, C, h, p, w, p]
+        x = torch.einsum("nchpwq->nhwcpq", x)  # [B, h, w, C, p, p]
+        return x.reshape(batch, grid * grid, channels * p * p)  # [B, h·w, C·p²]
+
+    def unpatchify(self, x: torch.Tensor, patch_size: Optional[int] = None) -> torch.Tensor:
+        """Tokens [B, h·w, C·p²] -> latents [B, C, H, W], the inverse of `patchify` (h = w = `latent_size`/p)."""
+        p = patch_size or self.patch_size
+        grid = self.latent_size // p
         batch, length, _ = x.shape
-        grid = int(round(length ** 0.5))
-        if grid * grid != length or (hw is not None and hw != grid):
-            raise ValueError(f"{length} tokens do not form the expected square grid")
+        if length != grid * grid:
+            raise ValueError(f"{length} tokens do not form the {grid}x{grid} grid of patch size {p}")
         channels = self.vae_embed_dim
-        x = x.reshape(batch, grid, grid, channels, p, p)
-        x = torch.einsum("nhwcpq->nchpwq", x)
-        return x.reshape(batch, channels, grid * p, grid * p)
+        x = x.reshape(batch, grid, grid, channels, p, p)  # [B, h, w, C, p, p]
+        x = torch.einsum("nhwcpq->nchpwq", x)  # [B, C, h, p, w, p]
+        return x.reshape(batch, channels, grid * p, grid * p)  # [B, C, H, W]
 
     # ------------------------------------------------------------------ encoder
     def forward_encoder(self, tokens: Optional[torch.Tensor], class_embedding: torch.Tensor) -> torch.Tensor:
@@ -178,8 +188,8 @@ class TransDiff(nn.Module):
         class_embedding [B, D]: a class or `fake_latent` row per sample (label drop happens in `forward`).
         tokens: MRAR only, [B, L, C·p²] patchified references, L a multiple of `tokens_per_stage`; the first
         stage's slots are ignored (they hold the mask tokens). The 1-step encoder takes no tokens.
-        Note: the original MRAR `forward_encoder` returned z before the position embedding; here both
-        modes include it.
+        Parity: the original MRAR `forward_encoder` returned z before the position embedding (its callers
+        added it); here both modes include it.
         """
         batch = class_embedding.shape[0]
         if self.mrar:
@@ -195,15 +205,17 @@ class TransDiff(nn.Module):
             image_slots = self.mask_token.expand(batch, length, -1)  # [B, L, D]
         prefix = class_embedding[:, None].expand(-1, self.buffer_size, -1).to(image_slots.dtype)  # [B, buf, D]
         x = torch.cat([prefix, image_slots], dim=1)  # [B, buf + L, D]
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, :x.shape[1]])
-        mask = None if self.attention_mask is None else self.attention_mask[:, :, :x.shape[1], :x.shape[1]]
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, :x.shape[1]])  # [B, buf + L, D]
+        mask = self.attention_mask
+        if mask is not None:
+            mask = mask[:, :, :x.shape[1], :x.shape[1]]  # [1, 1, buf + L, buf + L]
         for block in self.encoder_blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
         x = self.encoder_norm(x)[:, self.buffer_size:]  # [B, L, D]
-        return x + self.diffusion_pos_embed_learned[:, :length]
+        return x + self.diffusion_pos_embed_learned[:, :length]  # [B, L, D]
 
     # ------------------------------------------------------------------ training
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, noise: Optional[torch.Tensor] = None,
@@ -234,41 +246,42 @@ class TransDiff(nn.Module):
         class_embedding = self.class_emb(labels)  # [B, D]
         if self.training:
             if drop_rand is None:
-                drop_rand = torch.rand(batch, device=device, generator=generator)
+                drop_rand = torch.rand(batch, device=device, generator=generator)  # [B]
             drop = drop_rand.to(device) < self.label_drop_prob
-            class_embedding = drop_labels(class_embedding, self.fake_latent, drop)
+            class_embedding = drop_labels(class_embedding, self.fake_latent, drop)  # [B, D]
 
         if self.mrar:
-            stage_images = list(images.unbind(1)) if torch.is_tensor(images) else list(images)
+            stage_images = list(images.unbind(1)) if torch.is_tensor(images) else list(images)  # S x [B, C, h, w]
             if len(stage_images) != self.num_stages:
                 raise ValueError(f"MRAR training needs {self.num_stages} images per sample, got {len(stage_images)}")
             targets = [self.patchify(img, patch_size=1) for img in stage_images]  # S x [B, N, C]
             references = [self.patchify(img) for img in stage_images[:-1]]  # (S-1) x [B, Ls, C·p²]
-            first_stage = references[0].new_zeros(batch, self.tokens_per_stage, self.token_embed_dim)
+            first_stage = references[0].new_zeros(batch, self.tokens_per_stage, self.token_embed_dim)  # [B, Ls, C·p²]
             z = self.forward_encoder(torch.cat([first_stage, *references], dim=1), class_embedding)  # [B, L, D]
-            conditions = [z[:, :self.tokens_per_stage * (k + 1)] for k in range(self.num_stages)]
+            conditions = [z[:, :self.tokens_per_stage * (k + 1)] for k in range(self.num_stages)]  # k: [B, Ls·(k+1), D]
         else:
-            targets = [self.patchify(images)]  # [B, N, C·p²]
-            z = self.forward_encoder(None, class_embedding)
+            targets = [self.patchify(images)]  # 1 x [B, N, C]
+            z = self.forward_encoder(None, class_embedding)  # [B, L, D]
             conditions = [z]
-            noise = None if noise is None else noise[None]
-            timesteps = None if timesteps is None else timesteps[None]
+            noise = None if noise is None else noise[None]  # [1, B·mul, N, C]
+            timesteps = None if timesteps is None else timesteps[None]  # [1, B·mul]
 
         outputs = [self.forward_loss(cond, target,
-                                     noise=None if noise is None else noise[k],
-                                     timesteps=None if timesteps is None else timesteps[k],
+                                     noise=None if noise is None else noise[k],  # [B·mul, N, C]
+                                     timesteps=None if timesteps is None else timesteps[k],  # [B·mul]
                                      generator=generator)
                    for k, (cond, target) in enumerate(zip(conditions, targets))]
         stage_losses = torch.stack([out.loss.mean() for out in outputs])  # [S]
-        loss = stage_losses.mean()
+        loss = stage_losses.mean()  # []
         if not return_details:
             return loss
-        return TrainingOutput(loss, stage_losses, z, torch.stack([o.timesteps for o in outputs]),
-                              torch.stack([o.x_t for o in outputs]), torch.stack([o.prediction for o in outputs]))
+        return TrainingOutput(loss, stage_losses, z, torch.stack([o.timesteps for o in outputs]),  # [S, B·mul]
+                              torch.stack([o.x_t for o in outputs]),  # [S, B·mul, N, C]
+                              torch.stack([o.prediction for o in outputs]))  # [S, B·mul, N, C]
 
     # ------------------------------------------------------------------ sampling
     def unconditional_embedding(self, batch: int) -> torch.Tensor:
-        return self.fake_latent.expand(batch, -1)
+        return self.fake_latent.expand(batch, -1)  # [B, D]
 
     def velocity_function(self, cond: torch.Tensor, cfg: float) -> VelocityFn:
         """Guided velocity `(x [B, N, C], t) -> v`; cond is [2B, L, D] ([cond; uncond]) when cfg != 1.
@@ -283,11 +296,11 @@ class TransDiff(nn.Module):
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if guided else x  # [B', N, C]
-            v = net.forward_prepared(x_in, prepared, (t * TIME_SCALE).expand(x_in.shape[0])).to(x.dtype)
+            v = net.forward_prepared(x_in, prepared, (t * TIME_SCALE).expand(x_in.shape[0])).to(x.dtype)  # [B', N, C]
             if not guided:
                 return v
-            v_cond, v_uncond = v.chunk(2)
-            return v_uncond + cfg * (v_cond - v_uncond)
+            v_cond, v_uncond = v.chunk(2)  # 2 x [B, N, C]
+            return v_uncond + cfg * (v_cond - v_uncond)  # [B, N, C]
 
         return velocity
 
@@ -322,26 +335,28 @@ class TransDiff(nn.Module):
         class_embedding = self.class_emb(labels)  # [B, D]
         if noise is None:
             noise = source.randn((batch, self.diff_seqlen, self.decoder_token_dim), device=device,
-                                 dtype=class_embedding.dtype)
-        tokens = class_embedding.new_zeros(batch, self.seq_len, self.token_embed_dim) if self.mrar else None
+                                 dtype=class_embedding.dtype)  # [B, N, C]
+        tokens = (class_embedding.new_zeros(batch, self.seq_len, self.token_embed_dim)  # [B, L, C·p²]
+                  if self.mrar else None)
         stage_outputs = []
         for stage, stage_cfg in enumerate(cfgs):
             stage_tokens = None
             if self.mrar:
                 if stage > 0:
                     start = self.tokens_per_stage * stage
-                    tokens[:, start:start + self.tokens_per_stage] = self.patchify(stage_outputs[-1])
-                stage_tokens = tokens[:, :self.tokens_per_stage * (stage + 1)]
+                    tokens[:, start:start + self.tokens_per_stage] = self.patchify(stage_outputs[-1])  # [B, Ls, C·p²]
+                stage_tokens = tokens[:, :self.tokens_per_stage * (stage + 1)]  # [B, Ls·(stage+1), C·p²]
             embedding = class_embedding
             if stage_cfg != 1.0:
                 embedding = torch.cat([class_embedding, self.unconditional_embedding(batch)])  # [2B, D]
-                stage_tokens = None if stage_tokens is None else torch.cat([stage_tokens, stage_tokens])
-            cond = self.forward_encoder(stage_tokens, embedding)
+                if stage_tokens is not None:
+                    stage_tokens = torch.cat([stage_tokens, stage_tokens])  # [2B, Ls·(stage+1), C·p²]
+            cond = self.forward_encoder(stage_tokens, embedding)  # [B', Ls·(stage+1), D], B' = B or 2B
             velocity = self.velocity_function(cond, stage_cfg)
             if velocity_hook is not None:
                 velocity = velocity_hook(velocity)
-            x = run_sampler(sampler, velocity, noise, steps, source, scale_0=scale_0, scale_1=scale_1)
-            stage_outputs.append(self.unpatchify(x.float(), patch_size=self.decoder_patch_size))
+            x = run_sampler(sampler, velocity, noise, steps, source, scale_0=scale_0, scale_1=scale_1)  # [B, N, C]
+            stage_outputs.append(self.unpatchify(x.float(), patch_size=self.decoder_patch_size))  # [B, C, h, w]
         return stage_outputs if return_stages else stage_outputs[-1]
 
 

@@ -50,8 +50,8 @@ class DiagonalGaussianDistribution:
     Args:
         parameters: moments `[B, 2C, h, w]`; the first C channels are the mean, the last C the log
             variance (clamped to [-30, 20]).
-        deterministic: if True the distribution is a point mass at the mean: `std` and `var` are zero
-            and `sample()` returns the mean itself.
+        deterministic: if True the distribution is a point mass at the mean: `std` is zero and
+            `sample()` returns the mean itself.
     """
 
     def __init__(self, parameters: torch.Tensor, deterministic: bool = False):
@@ -59,12 +59,7 @@ class DiagonalGaussianDistribution:
         self.deterministic = deterministic
         self.mean, logvar = parameters.chunk(2, dim=1)  # 2 x [B, C, h, w]
         self.logvar = logvar.clamp(_LOGVAR_MIN, _LOGVAR_MAX)
-        if deterministic:
-            self.std = torch.zeros_like(self.mean)
-            self.var = torch.zeros_like(self.mean)
-        else:
-            self.std = torch.exp(0.5 * self.logvar)
-            self.var = torch.exp(self.logvar)
+        self.std = torch.zeros_like(self.mean) if deterministic else torch.exp(0.5 * self.logvar)
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Draw `mean + std * eps`, with `eps` from `generator` (the global RNG when None).
@@ -77,10 +72,6 @@ class DiagonalGaussianDistribution:
         noise_device = generator.device if generator is not None else self.mean.device
         eps = torch.randn(self.mean.shape, generator=generator, device=noise_device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
-
-    def mode(self) -> torch.Tensor:
-        """The most likely latent: the mean."""
-        return self.mean
 
 
 class ResnetBlock(nn.Module):
@@ -265,7 +256,6 @@ class AutoencoderKL(nn.Module):
         embed_dim: latent channels C.
         ch_mult: per-level width multipliers; the stride is `2 ** (len(ch_mult) - 1)`.
         ch: base width (128 for the released KL-16; smaller values only for tests).
-        ckpt_path: if given, load this checkpoint strictly (see `load_checkpoint`).
 
     Attributes:
         embed_dim: latent channels C.
@@ -278,7 +268,6 @@ class AutoencoderKL(nn.Module):
         embed_dim: int = 16,
         ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
         ch: int = 128,
-        ckpt_path: Optional[Union[str, Path]] = None,
     ):
         super().__init__()
         self.embed_dim = embed_dim
@@ -288,8 +277,6 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(ch=ch, ch_mult=ch_mult, z_channels=embed_dim)
         self.quant_conv = nn.Conv2d(2 * embed_dim, 2 * embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, embed_dim, kernel_size=1)
-        if ckpt_path is not None:
-            self.load_checkpoint(ckpt_path)
 
     def posterior_from_moments(self, moments: torch.Tensor) -> DiagonalGaussianDistribution:
         """Wrap moments `[B, 2C, h, w]` (from `encode(x).parameters`, e.g. cached) as the posterior."""
@@ -304,23 +291,6 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents `[B, C, h, w]` -> image `[B, 3, h * stride, w * stride]` (about [-1, 1])."""
         return self.decoder(self.post_quant_conv(z))
 
-    def load_checkpoint(self, path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> None:
-        """Load `{'model': state_dict}` or a bare state_dict strictly, with errors that name the file.
-
-        Raises:
-            FileNotFoundError: `path` does not exist (the message says where to get kl16.ckpt).
-            ValueError: the file is not a torch checkpoint of tensors, or its keys or shapes differ from
-                this model's (a few of each are listed).
-        """
-        self.load_state_dict(self._read_matching_state_dict(path, map_location), strict=True)
-
-    def _read_matching_state_dict(
-        self, path: Union[str, Path], map_location: Union[str, torch.device]
-    ) -> Mapping[str, torch.Tensor]:
-        state_dict = _read_state_dict(path, map_location)
-        _check_state_dict(self.state_dict(), state_dict, path)
-        return state_dict
-
     @classmethod
     def from_checkpoint(
         cls,
@@ -330,13 +300,19 @@ class AutoencoderKL(nn.Module):
     ) -> "AutoencoderKL":
         """Build an `AutoencoderKL(**config)` on `map_location`, load `path` strictly, freeze it.
 
-        The model is built without random initialisation (on the meta device, checked against the
-        file, then given uninitialised storage), so every value comes from the file. The result is in
-        eval mode with `requires_grad=False`. Errors are those of `load_checkpoint`.
+        `path` holds `{'model': state_dict}` or a bare state_dict. The model is built without random
+        initialisation (on the meta device, checked against the file, then given uninitialised storage),
+        so every value comes from the file. The result is in eval mode with `requires_grad=False`.
+
+        Raises:
+            FileNotFoundError: `path` does not exist (the message says where to get kl16.ckpt).
+            ValueError: the file is not a torch checkpoint of tensors, or its keys or shapes differ from
+                this model's (a few of each are listed).
         """
         with torch.device("meta"):
             model = cls(**config)
-        state_dict = model._read_matching_state_dict(path, map_location)
+        state_dict = _read_state_dict(path, map_location)
+        _check_state_dict(model.state_dict(), state_dict, path)
         model.to_empty(device=map_location)
         model.load_state_dict(state_dict, strict=True)
         return model.eval().requires_grad_(False)

@@ -1,5 +1,4 @@
-"""Shared pytest fixtures: the parity folder and a deterministic, single-threaded torch."""
-import os
+"""Common pytest fixtures: the golden-tensor folder, a small VAE state_dict and a single-threaded torch."""
 import sys
 from pathlib import Path
 
@@ -15,19 +14,27 @@ sys.path.insert(0, str(REPO_ROOT))
 torch.set_num_threads(1)
 
 
-def _parity_dir() -> Path:
-    explicit = os.environ.get("TRANSDIFF_PARITY_DIR")
-    if explicit:
-        return Path(explicit)
-    return REPO_ROOT.parent / "shared" / "parity"
+GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
 
 
 @pytest.fixture(scope="session")
-def parity_dir() -> Path:
-    path = _parity_dir()
-    if not (path / "tiny_model.pt").is_file():
-        pytest.fail(f"golden tensors not found in {path}; set TRANSDIFF_PARITY_DIR to the shared/parity folder")
-    return path
+def golden_dir() -> Path:
+    """The golden tensors of the original implementation kept in the repository (see tests/golden/README.md)."""
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def ch32_state_dict() -> dict:
+    """A small-width (ch=32) KL-16 VAE state_dict: seeded default init, stored as float16.
+
+    It stands in for a real ``kl16.ckpt`` in the checkpoint-loading tests (the real one is 266 MB; the
+    original's small-width VAE weights are not kept in tests/golden, see its README).
+    """
+    from models.vae import AutoencoderKL
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoencoderKL(ch=32)
+    return {key: tensor.half() for key, tensor in model.state_dict().items()}
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,21 @@
-"""util.checkpoint: atomic save, safe load, resume lookup, weight selection, finetune adaptation."""
+"""util.checkpoint and util.run_state: atomic save, safe load, resume lookup, weight selection, finetune adaptation."""
 import argparse
 import os
 
 import pytest
 import torch
 
+from models.transdiff import TRANSDIFF_MODELS
 from util import checkpoint as ck
+from util import run_state
+from util.io import atomic_write
 
 
 class _Opaque:
     """A class outside the unpickling allow-list."""
+
+
+TINY_MODEL = dict(img_size=16, vae_stride=2, vae_embed_dim=12, class_num=3, buffer_size=4)
 
 
 def _listing(directory):
@@ -48,7 +54,7 @@ def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
 def test_atomic_write_gives_normal_permissions_and_cleans_up_on_error(tmp_path):
     mask = os.umask(0o022)
     try:
-        ck.atomic_write(str(tmp_path / "a.bin"), lambda handle: handle.write(b"abc"), durable=False)
+        atomic_write(str(tmp_path / "a.bin"), lambda handle: handle.write(b"abc"), durable=False)
     finally:
         os.umask(mask)
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
@@ -59,7 +65,7 @@ def test_atomic_write_gives_normal_permissions_and_cleans_up_on_error(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ck.atomic_write(str(tmp_path / "a.bin"), fail)
+        atomic_write(str(tmp_path / "a.bin"), fail)
     assert _listing(tmp_path) == ["a.bin"]
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
 
@@ -105,24 +111,24 @@ def test_load_rejects_non_dict_and_missing_file(tmp_path):
 
 
 def test_checkpoint_paths_use_original_names(tmp_path):
-    paths = ck.checkpoint_paths(str(tmp_path), 50)
-    assert paths.last == os.path.join(str(tmp_path), "checkpoint-last.pth")
-    assert paths.epoch == os.path.join(str(tmp_path), "checkpoint-50.pth")
+    assert run_state.checkpoint_path(str(tmp_path), run_state.LAST) == os.path.join(str(tmp_path),
+                                                                                   "checkpoint-last.pth")
+    assert run_state.checkpoint_path(str(tmp_path), 50) == os.path.join(str(tmp_path), "checkpoint-50.pth")
 
 
 def test_find_resume_checkpoint(tmp_path):
-    assert ck.find_resume_checkpoint(None) is None
-    assert ck.find_resume_checkpoint(str(tmp_path)) is None  # empty directory
-    assert ck.find_resume_checkpoint(str(tmp_path / "not_created_yet")) is None
+    assert run_state.find_resume_checkpoint(None) is None
+    assert run_state.find_resume_checkpoint(str(tmp_path)) is None  # empty directory
+    assert run_state.find_resume_checkpoint(str(tmp_path / "not_created_yet")) is None
     last = tmp_path / "checkpoint-last.pth"
     last.write_bytes(b"x")
-    assert ck.find_resume_checkpoint(str(tmp_path)) == str(last)
+    assert run_state.find_resume_checkpoint(str(tmp_path)) == str(last)
     other = tmp_path / "weights.pth"
     other.write_bytes(b"x")
-    assert ck.find_resume_checkpoint(str(other)) == str(other)
-    assert ck.find_resume_checkpoint(str(tmp_path), load_step=50) is None
+    assert run_state.find_resume_checkpoint(str(other)) == str(other)
+    assert run_state.find_resume_checkpoint(str(tmp_path), load_step=50) is None
     (tmp_path / "checkpoint-50.pth").write_bytes(b"x")
-    assert ck.find_resume_checkpoint(str(tmp_path), load_step=50) == str(tmp_path / "checkpoint-50.pth")
+    assert run_state.find_resume_checkpoint(str(tmp_path), load_step=50) == str(tmp_path / "checkpoint-50.pth")
 
 
 def test_select_weights():
@@ -201,6 +207,8 @@ def test_adapt_pos_embed_interpolation_is_bicubic_over_the_grid():
 def test_adapt_wrong_width_is_a_clear_error():
     with pytest.raises(ValueError, match="checkpoint width 8 but model width 12: did you pass the right --model"):
         ck.adapt_state_dict(_toy_sd(width=8), _toy_sd(width=12))
+    with pytest.raises(ValueError, match="checkpoint width 8 but model width 12: pass --model toy_small"):
+        ck.adapt_state_dict(_toy_sd(width=8), _toy_sd(width=12), {8: "toy_small"})
 
 
 def test_adapt_non_square_pos_embed_mismatch_raises():
@@ -221,5 +229,20 @@ def test_adapt_missing_and_unexpected_keys_raise():
 
 
 def test_adapt_mrar_checkpoint_into_one_step_model_says_pass_mrar():
-    with pytest.raises(ValueError, match="pass --mrar"):
+    with pytest.raises(ValueError, match="add --mrar --patch_size 2"):
         ck.adapt_state_dict(_toy_sd(mask_slots=64, z_in=64), _toy_sd())
+
+
+# ------------------------------------------------------------------------------ released-style checkpoints
+def test_released_style_checkpoint_loads_with_weights_only(tmp_path):
+    model = TRANSDIFF_MODELS["transdiff_tiny"](**TINY_MODEL)
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": model.state_dict(), "model_ema": {k: v + 1 for k, v in model.state_dict().items()},
+                "epoch": 799, "args": argparse.Namespace(model="transdiff_tiny", mrar=False)}, path)
+    checkpoint = ck.load_checkpoint(str(path))  # torch.load(weights_only=True) with an allow-list
+    assert checkpoint["args"] == {"model": "transdiff_tiny", "mrar": False} and checkpoint["epoch"] == 799
+    fresh = TRANSDIFF_MODELS["transdiff_tiny"](**TINY_MODEL)
+    weights, source = ck.select_weights(checkpoint, use_ema=True)
+    fresh.load_state_dict(weights, strict=True)
+    assert source == "model_ema"
+    assert torch.equal(fresh.fake_latent, model.fake_latent + 1)

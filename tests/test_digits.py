@@ -1,5 +1,6 @@
-"""The embedded digits export, its judge classifier and the sample metrics built on it."""
+"""The digits wing: the embedded export, its judge classifier, the scores and the `--metrics digits` metric."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -11,20 +12,15 @@ import pytest
 import torch
 from PIL import Image
 
+from digits.data import MANIFEST_NAME, export_digits
+from digits.judge import load_digits_classifier, prepare_classifier_input, train_digits_classifier
+from digits.metric import HEADLINE_SCORES, DigitsJudge
+from digits.scores import score_samples, within_class_spread
 from tools import digits_metrics
-from util.digits import (
-    MANIFEST_NAME,
-    export_digits,
-    frechet_distance,
-    load_digits_classifier,
-    load_generated_pngs,
-    load_image_folder_tensor,
-    prepare_classifier_input,
-    score_samples,
-    train_digits_classifier,
-    within_class_spread,
-)
 from util.eval_layout import image_class
+from util.eval_metrics import EVAL_METRICS
+from util.images import read_generated_images, read_image_folder
+from util.metrics import MissingMetricFile
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -49,7 +45,7 @@ def classifier(classifier_report):
 
 @pytest.fixture(scope="module")
 def val_set(digits_root):
-    return load_image_folder_tensor(digits_root / "val")
+    return read_image_folder(digits_root / "val")
 
 
 def _write_class_major_samples(folder: Path, images: torch.Tensor, labels: torch.Tensor, per_class: int) -> int:
@@ -98,7 +94,7 @@ def test_export_rewrites_for_new_settings_and_refuses_foreign_folders(tmp_path):
     export_digits(root, img_size=8)
     counts = export_digits(root, img_size=12)
     assert counts["rewritten"] is True
-    images, labels = load_image_folder_tensor(root / "train")
+    images, labels = read_image_folder(root / "train")
     assert images.shape == (1437, 3, 12, 12) and labels.tolist() == sorted(labels.tolist())
 
     foreign = tmp_path / "foreign"
@@ -107,7 +103,7 @@ def test_export_rewrites_for_new_settings_and_refuses_foreign_folders(tmp_path):
         export_digits(foreign)
 
 
-def test_load_image_folder_tensor(val_set):
+def test_read_image_folder(val_set):
     images, labels = val_set
     assert images.dtype == torch.uint8 and images.shape == (360, 3, 32, 32)
     assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [36, 36, 35, 37, 36, 37, 36, 36, 35, 36]
@@ -173,20 +169,13 @@ def test_shuffled_labels_are_inconsistent(classifier, val_set):
     assert 0.0 <= metrics["class_consistency"] <= 0.2
 
 
-def test_frechet_distance_matches_closed_form():
-    mu1, mu2 = np.array([0.0, 1.0]), np.array([2.0, 1.0])
-    var1, var2 = np.array([1.0, 4.0]), np.array([9.0, 1.0])
-    expected = 4.0 + np.sum(var1 + var2 - 2.0 * np.sqrt(var1 * var2))
-    assert frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(expected)
-
-
 def test_within_class_spread_definition():
     features = torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0], [5.0, 9.0]])
     labels = torch.tensor([0, 0, 1, 1])
     assert within_class_spread(features, labels) == pytest.approx((1.0 + 2.0) / 2)
 
 
-def test_generated_naming_maps_indices_to_classes(tmp_path):
+def test_generated_images_are_labelled_class_major(tmp_path):
     assert [image_class(i, 20, 10) for i in range(20)] == [i // 2 for i in range(20)]
     assert image_class(999, 1000, 10) == 9
     with pytest.raises(ValueError, match="multiple"):
@@ -194,10 +183,49 @@ def test_generated_naming_maps_indices_to_classes(tmp_path):
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 4, 4) * 40
     for index in range(6):
         Image.fromarray(images[index].permute(1, 2, 0).numpy()).save(tmp_path / f"{index:05d}.png")
-    loaded, labels = load_generated_pngs(tmp_path, num_images=6, class_num=3)
+    loaded, labels = read_generated_images(tmp_path, num_images=6, class_num=3)
     assert torch.equal(loaded, images) and labels.tolist() == [0, 0, 1, 1, 2, 2]
     with pytest.raises(FileNotFoundError, match="1 of 7"):
-        load_generated_pngs(tmp_path, num_images=7, class_num=7)
+        read_generated_images(tmp_path, num_images=7, class_num=7)
+
+
+def test_metric_check_refuses_missing_judge_file(digits_root, tmp_path):
+    metric = DigitsJudge(str(tmp_path / "absent_judge.pt"), str(digits_root / "val"), num_images=100, class_num=10)
+    with pytest.raises(MissingMetricFile, match="absent_judge.pt"):
+        metric.check()
+
+
+def test_metric_check_refuses_unreadable_judge_file(digits_root, tmp_path):
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    metric = DigitsJudge(str(tmp_path / "garbage.pt"), str(digits_root / "val"), num_images=100, class_num=10)
+    with pytest.raises(ValueError, match="garbage.pt"):
+        metric.check()
+
+
+def test_metric_check_refuses_missing_reference_folder(classifier_report, tmp_path):
+    metric = DigitsJudge(classifier_report["path"], str(tmp_path / "no_val"), num_images=100, class_num=10)
+    with pytest.raises(MissingMetricFile, match="no_val"):
+        metric.check()
+
+
+def test_metric_check_refuses_judge_of_other_class_count(classifier_report, digits_root):
+    metric = DigitsJudge(classifier_report["path"], str(digits_root / "val"), num_images=100, class_num=5)
+    with pytest.raises(ValueError, match="--class_num"):
+        metric.check()
+
+
+def test_metric_computes_headline_scores_of_a_folder(classifier_report, digits_root, val_set, tmp_path):
+    num_images = _write_class_major_samples(tmp_path / "samples", *val_set, per_class=10)
+    args = argparse.Namespace(digits_judge=classifier_report["path"], ref_images=str(digits_root / "val"),
+                              num_images=num_images, class_num=10)
+    metric = EVAL_METRICS["digits"](args)
+    assert isinstance(metric, DigitsJudge) and metric.name == "digits"
+    metric.check()
+    scores = metric.compute(str(tmp_path / "samples"), torch.device("cpu"))
+    assert set(scores) == set(HEADLINE_SCORES)
+    assert scores["num_samples"] == 100 and scores["class_consistency"] >= 0.9
+    assert set(scores["per_class_accuracy"]) == set(CLASS_NAMES)
+    assert scores["frechet_distance"] >= 0.0 and 0.5 < scores["spread_ratio"] < 1.5
 
 
 def test_cli_scores_a_sample_folder(digits_root, classifier_report, val_set, tmp_path):

@@ -5,10 +5,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from util.lr_sched import adjust_learning_rate, lr_at, resolve_lr
+from util.lr_sched import absolute_lr, adjust_learning_rate, lr_at
 from util.optim import (
     EMA,
-    build_grad_scaler,
     build_optimizer,
     param_groups_weight_decay,
 )
@@ -52,11 +51,9 @@ def test_adjust_learning_rate_sets_groups_and_respects_lr_scale():
     assert adjust_learning_rate(optimizer, 60.0, _args(lr_schedule="cosine")) < 8e-4
 
 
-def test_resolve_lr_scales_blr_only_when_lr_is_missing():
-    args = _args(lr=None, blr=1e-4)
-    assert resolve_lr(args, 2048) == pytest.approx(8e-4)
-    assert args.lr == pytest.approx(8e-4)
-    assert resolve_lr(_args(lr=5e-5), 2048) == 5e-5
+def test_absolute_lr_scales_blr_only_when_lr_is_missing():
+    assert absolute_lr(None, 1e-4, 2048) == pytest.approx(8e-4)
+    assert absolute_lr(5e-5, 1e-4, 2048) == 5e-5
 
 
 class _Toy(torch.nn.Module):
@@ -142,8 +139,3 @@ def test_ema_load_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), other.state_dict().values(), strict=True))
     with pytest.raises(RuntimeError):
         other.load_state_dict({"proj.weight": torch.zeros(4, 4)})
-
-
-def test_build_grad_scaler():
-    assert build_grad_scaler(enabled=False, device_type="cpu").is_enabled() is False
-    assert build_grad_scaler(enabled=True, device_type="cpu").is_enabled() is True

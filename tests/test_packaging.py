@@ -16,7 +16,6 @@ def test_requirements_and_environment_pin_the_same_versions():
     requirements = pins((ROOT / "requirements.txt").read_text().splitlines())
     environment = pins((ROOT / "environment.yaml").read_text().splitlines())
     assert requirements == environment
-    assert requirements["torch"] == "2.14.1" and requirements["torchvision"] == "0.29.1"
     assert set(requirements) <= ALLOWED
 
 

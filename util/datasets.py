@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import DatasetFolder, ImageFolder
 from torchvision.datasets.folder import default_loader
 
-from util.checkpoint import atomic_write
+from util.io import atomic_write
 
 MOMENTS_KEY = "moments"  # [2C, h, w]: posterior mean and log-variance of the center-cropped image
 MOMENTS_FLIP_KEY = "moments_flip"  # the same for its horizontal mirror
@@ -108,7 +108,7 @@ def cached_latent_path(cached_root: str, image_root: str, image_path: str) -> st
 
 def write_cached_latent(path: str, moments: torch.Tensor | np.ndarray,
                         moments_flip: torch.Tensor | np.ndarray) -> None:
-    """Write one cache file atomically (see :func:`util.checkpoint.atomic_write`).
+    """Write one cache file atomically (see :func:`util.io.atomic_write`).
 
     Ranks may write the same file twice near the end of a shard, and an interrupted run must not
     leave a truncated file behind. ``moments`` and ``moments_flip`` are [2C, h, w]: the posterior

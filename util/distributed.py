@@ -18,7 +18,6 @@ The backend is NCCL on CUDA and gloo otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import os
@@ -87,61 +86,64 @@ def parse_launcher_env(env: Mapping[str, str], dist_on_itp: bool = False) -> Lau
     return None
 
 
-def _option(args: argparse.Namespace | Mapping[str, Any] | None, name: str, default: Any) -> Any:
-    if args is None:
-        return default
-    if isinstance(args, Mapping):
-        return args.get(name, default)
-    return getattr(args, name, default)
+def resolve_device_type(requested: str | None) -> str:
+    """The one device decision: ``requested`` ('cuda', 'cpu', 'mps', ...) or, when None, CUDA if available.
+
+    The process group's backend and the model's device both follow it: ``cpu`` means gloo and CPU tensors
+    even on a host with GPUs. Raises ValueError for CUDA on a host without it.
+    """
+    if not requested:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device_type = torch.device(requested).type
+    except RuntimeError:
+        raise ValueError(f"--device {requested!r} is not a torch device type (cuda, cpu, mps, ...)") from None
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available; pass --device cpu")
+    return device_type
 
 
-def init_distributed(args: argparse.Namespace | Mapping[str, Any] | None = None,
-                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES,
-                     device_type: str | None = None) -> DistInfo:
+def launch_world_size(dist_on_itp: bool = False) -> int:
+    """The world size the launcher's environment announces (1 without a launcher), before any group exists."""
+    launch = parse_launcher_env(os.environ, dist_on_itp)
+    return 1 if launch is None else launch.world_size
+
+
+def init_distributed(device_type: str, dist_on_itp: bool = False, dist_url: str = "env://",
+                     timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> DistInfo:
     """Join the process group described by the launcher's environment, or run as a world of one.
 
     Args:
-        args: a Namespace or mapping with the MAR options ``dist_on_itp`` (bool, default False: use
-            the OpenMPI variables) and ``dist_url`` (default ``'env://'``). When it is a Namespace,
-            ``rank``, ``world_size``, ``gpu`` (the local rank) and ``distributed`` are set on it, as
-            MAR's ``init_distributed_mode`` does.
+        device_type: from `resolve_device_type`. CUDA selects the NCCL backend and the GPU of the local
+            rank; anything else uses gloo.
+        dist_on_itp: use the OpenMPI variables (the MAR flag of that name).
+        dist_url: rendezvous for torchrun/SLURM launches (``env://`` reads MASTER_ADDR/MASTER_PORT).
         timeout_minutes: process-group timeout for collectives. Long by default so that ranks waiting
             while rank 0 computes metrics are not killed.
-        device_type: 'cuda', 'cpu', ... ; None picks 'cuda' when available, else 'cpu'. CUDA selects
-            the NCCL backend and the GPU of the local rank; anything else uses gloo.
     """
     global _LOCAL_RANK
-    if device_type is None:
-        device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    dist_on_itp = bool(_option(args, "dist_on_itp", False))
     launch = parse_launcher_env(os.environ, dist_on_itp)
-
     if launch is None:
         _LOCAL_RANK = 0
         device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
-        info = DistInfo(0, 1, 0, False, None, device)
+        return DistInfo(0, 1, 0, False, None, device)
+    _LOCAL_RANK = launch.local_rank
+    if launch.launcher == "openmpi":
+        init_method = f"tcp://{_require_env('MASTER_ADDR')}:{_require_env('MASTER_PORT')}"
     else:
-        _LOCAL_RANK = launch.local_rank
-        if launch.launcher == "openmpi":
-            init_method = f"tcp://{_require_env('MASTER_ADDR')}:{_require_env('MASTER_PORT')}"
-        else:
-            init_method = _option(args, "dist_url", "env://") or "env://"
-            if init_method == "env://":
-                _require_env("MASTER_ADDR")
-                _require_env("MASTER_PORT")
-        if device_type == "cuda":
-            torch.cuda.set_device(launch.local_rank)
-            device, backend = torch.device("cuda", launch.local_rank), "nccl"
-        else:
-            device, backend = torch.device(device_type), "gloo"
-        dist.init_process_group(backend=backend, init_method=init_method, world_size=launch.world_size,
-                                rank=launch.rank, timeout=datetime.timedelta(minutes=timeout_minutes))
-        info = DistInfo(launch.rank, launch.world_size, launch.local_rank, True, backend, device)
-        barrier()
-    if isinstance(args, argparse.Namespace):
-        args.rank, args.world_size, args.gpu = info.rank, info.world_size, info.local_rank
-        args.distributed = info.distributed
-    return info
+        init_method = dist_url or "env://"
+        if init_method == "env://":
+            _require_env("MASTER_ADDR")
+            _require_env("MASTER_PORT")
+    if device_type == "cuda":
+        torch.cuda.set_device(launch.local_rank)
+        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+    else:
+        device, backend = torch.device(device_type), "gloo"
+    dist.init_process_group(backend=backend, init_method=init_method, world_size=launch.world_size,
+                            rank=launch.rank, timeout=datetime.timedelta(minutes=timeout_minutes))
+    barrier()
+    return DistInfo(launch.rank, launch.world_size, launch.local_rank, True, backend, device)
 
 
 def _require_env(name: str) -> str:

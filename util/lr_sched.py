@@ -41,11 +41,9 @@ def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: A
     return lr
 
 
-def resolve_lr(args: Any, eff_batch_size: int) -> float:
-    """Absolute lr: ``args.lr`` if given, else ``args.blr * eff_batch_size / 256`` (stored in ``args.lr``).
+def absolute_lr(lr: float | None, blr: float, eff_batch_size: int) -> float:
+    """``lr`` if given, else ``blr * eff_batch_size / 256`` (MAR's linear scaling rule).
 
-    ``eff_batch_size`` = per-GPU batch size x world size x gradient accumulation steps.
+    ``eff_batch_size`` = per-process batch size x world size x gradient accumulation steps.
     """
-    if args.lr is None:
-        args.lr = args.blr * eff_batch_size / 256
-    return args.lr
+    return lr if lr is not None else blr * eff_batch_size / 256

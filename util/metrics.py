@@ -40,8 +40,8 @@ from torch_fidelity.utils import create_feature_extractor, glob_samples_paths
 from torchvision.transforms import Compose
 from tqdm import tqdm
 
-from util.checkpoint import atomic_write
 from util.crops import CenterCropArr
+from util.io import atomic_write
 
 PathLike = str | os.PathLike
 DeviceLike = str | torch.device

@@ -8,33 +8,14 @@ without holding all images in memory: the ``.npy`` member is streamed chunk by c
 """
 import os
 import zipfile
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
 
-from util.checkpoint import atomic_write
+from util.images import list_pngs, read_rgb
+from util.io import atomic_write
 
 PathLike = str | os.PathLike
-
-
-def list_pngs(image_dir: PathLike) -> list[Path]:
-    """Return the ``*.png`` files directly inside ``image_dir`` (case-insensitive suffix), sorted by name."""
-    image_dir = Path(image_dir)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
-    return sorted(p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png")
-
-
-def _load_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Read one image as a uint8 ``[H, W, 3]`` array, checking ``(H, W)`` against ``size`` if given."""
-    with Image.open(path) as img:
-        image = np.asarray(img.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
-    if size is not None and image.shape[:2] != size:
-        raise ValueError(f"{path} is {image.shape[1]}x{image.shape[0]} (WxH), expected {size[1]}x{size[0]} "
-                         f"like the other images")
-    return image
 
 
 def write_adm_npz(image_dir: PathLike, out_path: PathLike, shuffle_seed: int = 0, chunk_size: int = 1000) -> int:
@@ -56,7 +37,7 @@ def write_adm_npz(image_dir: PathLike, out_path: PathLike, shuffle_seed: int = 0
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     order = np.random.RandomState(shuffle_seed).permutation(len(files))
-    height, width, _ = _load_rgb(files[order[0]]).shape
+    height, width, _ = read_rgb(files[order[0]]).shape
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
               "shape": (len(files), height, width, 3)}
 
@@ -65,7 +46,7 @@ def write_adm_npz(image_dir: PathLike, out_path: PathLike, shuffle_seed: int = 0
               archive.open("arr_0.npy", mode="w", force_zip64=True) as member):
             np.lib.format.write_array_header_1_0(member, header)
             for start in range(0, len(files), chunk_size):
-                chunk = np.stack([_load_rgb(files[i], (height, width))
+                chunk = np.stack([read_rgb(files[i], (height, width))
                                   for i in order[start:start + chunk_size]])  # [n, H, W, 3]
                 member.write(chunk.tobytes())
 

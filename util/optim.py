@@ -54,10 +54,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
 class EMA:
     """Exponential moving average of all model parameters, held in a float32 copy of the model.
 
-    The copy is float32 even when the model is bfloat16 (``--bf16`` casts the whole model): with a
-    decay of 0.9999 each update moves a weight by 1e-4 of the gap, below bfloat16's 8-bit mantissa
-    resolution, so a bfloat16 average would stop moving. Every parameter is averaged, trainable or
-    not, as in the original. Pass the bare module, not its DDP wrapper, so names match.
+    In training the model is float32 (``--bf16`` is bf16 autocast: weights, optimizer state and this
+    average all stay float32). The copy is float32 whatever the model's dtype, since with a decay of
+    0.9999 each update moves a weight by 1e-4 of the gap, below bfloat16's 8-bit mantissa resolution:
+    a bfloat16 average would stop moving. Every parameter is averaged, trainable or not, as in the
+    original. Pass the bare module, not its DDP wrapper, so names match.
     """
 
     def __init__(self, model: torch.nn.Module):

@@ -1,0 +1,72 @@
+"""How the model is run: the one place that wraps it for an execution strategy.
+
+`wrap_model` returns an `Execution`: the module the training step calls (`train_module`), the plain model
+(`module`, whose parameters the optimizer and the EMA see), a gradient-sync context for accumulation, and
+the full state dict for saving with the check that every rank holds the same weights. Strategies:
+
+* ``ddp``: DistributedDataParallel when a process group exists, the plain model in a world of one.
+
+A new strategy (compiled execution, sharding) adds its wrapper here and keeps `state_dict` returning the
+full, unprefixed state dict, so checkpoints do not depend on how the model was run.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from util import distributed as dist
+
+STRATEGIES = ("ddp",)
+
+
+class RanksDiverged(RuntimeError):
+    """The ranks' weights differ where a replicated strategy keeps them identical."""
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes: equal on all ranks iff their weights are identical."""
+    digest = hashlib.sha256()
+    for param in model.parameters():
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Execution:
+    """A model wrapped for one strategy (see the module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, train_module: torch.nn.Module, strategy: str):
+        self.module = module
+        self.train_module = train_module
+        self.strategy = strategy
+
+    def grad_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step; ``sync=False`` skips the gradient all-reduce (accumulation)."""
+        return dist.ddp_sync(self.train_module, sync)
+
+    def rank_digests(self) -> list[str]:
+        """Every rank's weight digest, in rank order (a collective: all ranks call it)."""
+        return dist.all_gather_object(parameter_digest(self.module))
+
+    def state_dict(self, label: str) -> tuple[dict, list[str]]:
+        """The full state dict to save and the ranks' digests (a collective: all ranks call it).
+
+        Raises RanksDiverged, naming ``label`` (e.g. the epoch), when a replicated strategy's ranks differ,
+        rather than silently saving rank 0's copy.
+        """
+        digests = self.rank_digests()
+        if len(set(digests)) != 1:
+            raise RanksDiverged(f"the ranks' weights diverged at {label}: {digests}")
+        return self.module.state_dict(), digests
+
+
+def wrap_model(model: torch.nn.Module, device: torch.device, strategy: str = "ddp") -> Execution:
+    """Wrap ``model`` (already on ``device``) for ``strategy``."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown execution strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    train_module = model
+    if dist.is_initialized():
+        train_module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Execution(model, train_module, strategy)

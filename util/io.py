@@ -1,0 +1,89 @@
+"""Small file writers: every file this project writes goes through `atomic_write`.
+
+A reader never sees a partial file: data goes to a temporary file in the destination folder, which then
+replaces the destination in one `os.replace`. Temporary files are named `.<name>.<random>.tmp`
+(`TMP_SUFFIX`), so a folder's leftovers from a killed process can be found by that pattern.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
+    """Create or replace ``path`` with what ``write(handle)`` writes, all or nothing.
+
+    A crash or an exception at any point leaves the old file (or none) and no temporary file, never a
+    partial file. ``durable`` fsyncs the data and the rename, so the new file also survives a power loss.
+    The file gets the permissions of a normally created file.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates files readable by the owner only
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    if durable:
+        _fsync_directory(directory)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_directory(directory: str) -> None:
+    """Persist a rename (POSIX); directories cannot be opened on Windows."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_png(path: str | os.PathLike, pixels: np.ndarray) -> None:
+    """Write one ``[H, W, 3]`` (or ``[H, W]``) uint8 array as a PNG, atomically."""
+    atomic_write(path, lambda handle: Image.fromarray(pixels).save(handle, format="PNG"), durable=False)
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write ``value`` as indented JSON, atomically (non-JSON values such as paths are written as strings)."""
+    payload = (json.dumps(value, indent=1, default=str) + "\n").encode()
+    atomic_write(path, lambda handle: handle.write(payload), durable=False)
+
+
+def append_json_record(path: str | os.PathLike, record: dict) -> None:
+    """Add ``record`` to the JSON list in ``path`` (created if absent), atomically."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as handle:
+            records = json.load(handle)
+    records.append(record)
+    write_json(path, records)
+
+
+def append_json_line(path: str | os.PathLike, record: dict) -> None:
+    """Append ``record`` as one line of a JSON-lines log (``log.jsonl``)."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record, default=str) + "\n")

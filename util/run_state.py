@@ -1,0 +1,150 @@
+"""A run's state on disk: which checkpoint a run starts from, what a save holds, and restoring it.
+
+Owns the checkpoint file names (`checkpoint_path`: ``checkpoint-last.pth`` and ``checkpoint-<epoch>.pth``,
+the original's), the restore policy (`restore`), every rank's RNG state, and the save (`save`) with the
+ranks' weight digests from `util.execution`. The file format itself (atomic write, safe load, finetune
+adaptation, the explanation of a mismatch) is `util.checkpoint`'s.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from models.transdiff import TRANSDIFF_MODELS
+from util import distributed as dist
+from util.checkpoint import adapt_state_dict, load_checkpoint, save_checkpoint, select_weights
+
+LAST = "last"
+SAME_RUN_KEYS = ("model", "mrar", "img_size")  # a training checkpoint with these continues exactly
+
+
+def checkpoint_path(output_dir: str, name: str | int) -> str:
+    """``<output_dir>/checkpoint-<name>.pth``; ``name`` is `LAST` (rewritten every save) or an epoch."""
+    return os.path.join(output_dir, f"checkpoint-{name}.pth")
+
+
+def find_resume_checkpoint(resume: str | None, load_step: str = LAST) -> str | None:
+    """Resolve ``--resume`` to a checkpoint file, or None when there is nothing to resume from.
+
+    ``resume`` may be a file, or a directory (the original's semantics) holding ``checkpoint-<load_step>.pth``.
+    Returns None for an empty argument, a directory without that file, or a path that does not exist yet
+    (auto-resume into a fresh ``--output_dir``); the caller warns loudly.
+    """
+    if not resume:
+        return None
+    if os.path.isfile(resume):
+        return resume
+    if not os.path.isdir(resume):
+        return None
+    candidate = checkpoint_path(resume, load_step)
+    return candidate if os.path.isfile(candidate) else None
+
+
+def rng_state() -> dict:
+    """This process's generator states (torch, numpy, python, CUDA)."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(states: list | None) -> bool:
+    """Each rank restores its own generator states; False (nothing restored) if the world size changed."""
+    if not states or len(states) != dist.get_world_size():
+        return False
+    state = states[dist.get_rank()]
+    torch.set_rng_state(state["torch"])
+    numpy_state = np.random.get_state()
+    np.random.set_state((numpy_state[0], np.array(state["numpy"], dtype=np.uint32), *numpy_state[2:]))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    return True
+
+
+def save(output_dir: str, name: str | int, execution, ema, optimizer, scaler, epoch: int, args) -> None:
+    """Write ``checkpoint-<name>.pth`` atomically. A collective: every rank contributes its RNG state and a
+    weight digest, and a divergence between ranks is an error rather than a silently saved rank-0 copy."""
+    states = dist.all_gather_object(rng_state())
+    weights, digests = execution.state_dict(f"epoch {epoch}")
+    if not dist.is_main_process():
+        return
+    state = {"model": weights, "model_ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": epoch, "args": vars(args), "rng_states": states, "rank_weight_digests": digests}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    save_checkpoint(checkpoint_path(output_dir, name), state)
+
+
+class Restored(NamedTuple):
+    start_epoch: int  # the first epoch to train
+    epoch_label: str  # the checkpoint's epoch, 'released' or 'scratch' (names evaluation folders)
+
+
+def _model_for_width() -> dict[int, str]:
+    """Registry width -> the first model name of that width (for the mismatch explanation)."""
+    widths = {}
+    with torch.device("meta"):
+        for name in sorted(TRANSDIFF_MODELS):
+            widths.setdefault(TRANSDIFF_MODELS[name]().fake_latent.shape[1], name)
+    return widths
+
+
+def _adapt(weights: dict, target: dict, path: str) -> tuple[dict, list[str]]:
+    try:
+        return adapt_state_dict(weights, target, _model_for_width())
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
+    """Load the checkpoint a run starts from (``optimizer`` and ``scaler`` are None when evaluating).
+
+    Our own run's ``<output_dir>/checkpoint-last.pth`` wins (an interrupted run continues exactly: weights,
+    EMA, optimizer, scaler, epoch and every rank's RNG state). Otherwise ``--resume`` continues exactly when
+    it is a training checkpoint of the same configuration, and initialises the weights (adapting new-shaped
+    tensors, starting at epoch 0) when it is a released or differently-shaped checkpoint, e.g. a 1-step
+    model for an MRAR or 512 px finetune. A checkpoint that does not fit raises ValueError explaining which
+    flag to change.
+    """
+    own = checkpoint_path(args.output_dir, LAST)
+    path = None
+    if not args.evaluate and os.path.isfile(own):
+        path = own
+    elif args.resume:
+        path = find_resume_checkpoint(args.resume, args.load_step)
+        if path is None:
+            message = f"--resume {args.resume}: no checkpoint-{args.load_step}.pth there"
+            if args.evaluate:
+                raise FileNotFoundError(message + "; nothing to evaluate")
+            logger.warning("!" * 80 + f"\n{message}; TRAINING FROM SCRATCH\n" + "!" * 80)
+    if path is None:
+        return Restored(args.start_epoch, "scratch")
+
+    checkpoint = load_checkpoint(path)
+    raw, source = select_weights(checkpoint, use_ema=False)
+    target = model.state_dict()
+    weights, report = _adapt(raw, target, path)
+    model.load_state_dict(weights, strict=True)
+    ema.load_state_dict(_adapt(select_weights(checkpoint, use_ema=True)[0], target, path)[0])
+    for line in report:
+        logger.info(f"adapted: {line}")
+    epoch = int(checkpoint.get("epoch", -1))
+    same_run = ("optimizer" in checkpoint and "epoch" in checkpoint and
+                all(checkpoint.get("args", {}).get(key) == getattr(args, key) for key in SAME_RUN_KEYS))
+    if same_run and not args.evaluate:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        if not restore_rng_state(checkpoint.get("rng_states")):
+            logger.warning("the world size changed since this checkpoint: training continues, but its random "
+                           "draws differ from an uninterrupted run")
+        logger.info(f"resumed {path} (epoch {epoch}): continuing at epoch {epoch + 1}")
+        return Restored(epoch + 1, str(epoch))
+    if args.evaluate:
+        logger.info(f"evaluating weights from {path} (epoch {epoch})")
+        return Restored(args.start_epoch, str(epoch) if epoch >= 0 else "released")
+    logger.info(f"initialised from {path} ({source}, epoch {epoch}); optimizer and epoch start fresh")
+    return Restored(0, str(epoch) if epoch >= 0 else "released")

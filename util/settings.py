@@ -1,0 +1,220 @@
+"""The command line of `main.py` and `main_cache.py`: flags, presets and validation.
+
+`get_args_parser()` defines the flags (groups shared with `main_cache.py` are built by `add_*_args`);
+`resolve_args(args)` is the settings step, the only code that writes into `args`: it applies the preset,
+decides the device, derives the absolute learning rate and rejects inconsistent combinations with a
+`SettingsError` that says what to change. Choices come from the registries (`TRANSDIFF_MODELS`,
+`SAMPLERS`, `TOKENIZERS`, `SAMPLING_PRESETS`, `EVAL_METRICS`), never from lists kept here.
+"""
+import argparse
+
+from models.samplers import DEFAULT_SAMPLER, SAMPLERS
+from models.tokenizers import TOKENIZERS, check_tokenizer_settings
+from models.transdiff import TRANSDIFF_MODELS
+from util import distributed as dist
+from util.eval_metrics import DEFAULT_METRICS, EVAL_METRICS
+from util.lr_sched import SCHEDULES, absolute_lr
+from util.presets import SAMPLING_PRESETS, apply_preset
+
+# Flags of the original (inherited from MAR) that change nothing here. They are accepted so that the
+# published commands keep working; each is listed in `--help` as a no-op.
+LEGACY_NO_OP_FLAGS = {
+    "num_iter": (64, int, "MAR's number of AR iterations; TransDiff's encoder runs once per stage"),
+    "temperature": (1.0, float, "MAR's diffusion-loss temperature; unused by the flow-matching sampler"),
+    "cfg_schedule": ("linear", str, "MAR's cfg schedule; TransDiff applies a constant cfg (per MRAR stage with "
+                                    "--cfg a,b,c,d)"),
+    "world_size": (1, int, "the launcher's environment (torchrun, srun, mpirun) gives the world size"),
+    "local_rank": (-1, int, "the launcher's environment (LOCAL_RANK) gives the local rank"),
+}
+
+
+class SettingsError(ValueError):
+    """An inconsistent combination of flags; the message says what to change."""
+
+
+def _cfg_list(text):
+    """'1.3' -> 1.3; '1.0,1.2,1.3,1.5' -> [1.0, 1.2, 1.3, 1.5] (one per MRAR stage)."""
+    values = [float(v) for v in str(text).split(",")]
+    return values[0] if len(values) == 1 else values
+
+
+def _name_list(text):
+    return [name for name in str(text).split(",") if name]
+
+
+def add_tokenizer_args(parser):
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer", default="kl16", choices=sorted(TOKENIZERS),
+                       help="kl16: MAR's KL-16 VAE (weights from --vae_path); pixel: parameter-free space-to-depth")
+    group.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt")
+    group.add_argument("--vae_embed_dim", default=16, type=int, help="latent channels (pixel: 3 * vae_stride^2)")
+    group.add_argument("--vae_stride", default=16, type=int, help="tokenizer downsampling (kl16: 16)")
+
+
+def add_data_args(parser, cache: bool = False):
+    group = parser.add_argument_group("data")
+    group.add_argument("--img_size", default=256, type=int, help="image side in pixels")
+    group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root holding train/<class>/...")
+    group.add_argument("--skip_corrupt", action="store_true", help="skip unreadable images with a warning")
+    group.add_argument("--num_workers", default=10, type=int)
+    group.add_argument("--pin_mem", action="store_true", default=True)
+    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    if cache:
+        group.add_argument("--cached_path", required=True, help="output folder")
+        return
+    group.add_argument("--mrar_index", default="Imagenet2012_mrar_files.txt",
+                       help="MRAR JSON-lines index (tools/build_mrar_index.py); relative to the working directory")
+    group.add_argument("--use_cached", action="store_true", help="train on latents cached by main_cache.py")
+    group.add_argument("--cached_path", default="", help="folder written by main_cache.py")
+    group.add_argument("--no_hflip", action="store_false", dest="hflip",
+                       help="no random horizontal flips (on by default, as the original; off for digits or text)")
+
+
+def add_distributed_args(parser):
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--device", default=None,
+                       help="cuda, cpu, mps, ... (default: cuda when available). cpu means gloo even on a GPU host")
+    group.add_argument("--dist_on_itp", action="store_true", help="OpenMPI launcher variables")
+    group.add_argument("--dist_url", default="env://")
+    group.add_argument("--dist_timeout", default=120, type=float,
+                       help="minutes a rank waits in a collective (rank 0 computes FID while others wait)")
+
+
+def add_legacy_args(parser):
+    group = parser.add_argument_group("legacy flags of the original (accepted, no effect)")
+    for name, (default, kind, reason) in LEGACY_NO_OP_FLAGS.items():
+        group.add_argument(f"--{name}", default=default, type=kind, help=f"no-op: {reason}")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("TransDiff training and evaluation", formatter_class=argparse.RawTextHelpFormatter)
+
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="transdiff_large", choices=sorted(TRANSDIFF_MODELS))
+    group.add_argument("--mrar", action="store_true", help="multi-reference autoregression (needs --patch_size 2)")
+    group.add_argument("--patch_size", default=1, type=int, help="1 for 1-step AR, 2 for MRAR references")
+    group.add_argument("--class_num", default=1000, type=int)
+    group.add_argument("--label_drop_prob", default=0.1, type=float, help="class-label dropout for cfg training")
+    group.add_argument("--attn_dropout", default=0.1, type=float)
+    group.add_argument("--proj_dropout", default=0.1, type=float)
+    group.add_argument("--buffer_size", default=64, type=int, help="class-embedding prefix slots of the encoder")
+    group.add_argument("--diffusion_batch_mul", default=1, type=int,
+                       help="noise/time draws per sample per step (README: 4 pretrain, 2 MRAR, 4 512px)")
+    group.add_argument("--diffloss_w", default=None, type=int,
+                       help="legacy decoder-width flag of the original README; must equal the model width")
+    group.add_argument("--grad_checkpointing", action="store_true")
+
+    add_tokenizer_args(parser)
+    add_data_args(parser)
+
+    group = parser.add_argument_group(
+        "optimisation", "Training images: random square crop (side min(H,W)) resized to --img_size, random flip.\n"
+                        "Cached latents (main_cache.py): ADM centre crop, flip chosen at load time.")
+    group.add_argument("--batch_size", default=16, type=int, help="per process; effective = x world x accumulation")
+    group.add_argument("--epochs", default=400, type=int)
+    group.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", default=1e-4, type=float)
+    group.add_argument("--min_lr", default=0.0, type=float)
+    group.add_argument("--lr_schedule", default="constant", choices=SCHEDULES)
+    group.add_argument("--warmup_epochs", default=100, type=float, help="per-iteration linear warm-up")
+    group.add_argument("--weight_decay", default=0.02, type=float,
+                       help="AdamW decay; none on 1-D params, biases and the diffusion decoder (as the original)")
+    group.add_argument("--grad_clip", default=3.0, type=float)
+    group.add_argument("--ema_rate", default=0.9999, type=float)
+    group.add_argument("--gradient_accumulation_steps", default=1, type=int,
+                       help="micro-batches per optimizer step (their gradients are summed, as the original)")
+    group.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and EMA stay float32)")
+    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="auto: fp16 autocast + grad scaler on CUDA, fp32 on CPU; --bf16 means bf16")
+    group.add_argument("--only_train_diff", action="store_true", help="freeze everything but the diffusion decoder")
+    group.add_argument("--seed", default=1, type=int, help="training seed (+rank); base of the per-image seeds")
+
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--preset", default=None, choices=sorted(SAMPLING_PRESETS),
+                       help="a released model's cfg/scale_0/scale_1 (explicit flags win)")
+    group.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=sorted(SAMPLERS),
+                       help=f"default {DEFAULT_SAMPLER}, the original's SDE")
+    group.add_argument("--num_sampling_steps", default=100, type=int,
+                       help="time steps per image (per MRAR stage)")
+    group.add_argument("--cfg", default=None, type=_cfg_list, help="guidance scale, or 4 comma-separated (MRAR)")
+    group.add_argument("--scale_0", default=None, type=float, help="maruyama: drift (mean) scale, default 1.0")
+    group.add_argument("--scale_1", default=None, type=float, help="maruyama: noise (std) scale, default 1.0")
+
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--evaluate", action="store_true", help="generate --num_images images and score them")
+    group.add_argument("--num_images", default=50000, type=int)
+    group.add_argument("--eval_bsz", default=64, type=int, help="generation batch per process")
+    group.add_argument("--eval_wo_ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    group.add_argument("--online_eval", action="store_true", help="evaluate every --eval_freq epochs while training")
+    group.add_argument("--eval_freq", default=50, type=int)
+    group.add_argument("--metrics", default=",".join(DEFAULT_METRICS), type=_name_list,
+                       help=f"comma-separated, of {', '.join(EVAL_METRICS)}")
+    group.add_argument("--fid_stats", default=None,
+                       help="reference statistics .npz (default fid_stats/adm_in256_stats.npz or VIRTUAL_imagenet512)")
+    group.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
+    group.add_argument("--ref_images", default=None, help="folder of real images (digits: an ImageFolder split)")
+    group.add_argument("--digits_judge", default=None, help="digits: the judge classifier file (quickstart.py)")
+    group.add_argument("--require_metrics", action="store_true", help="fail if a metric cannot be computed")
+    group.add_argument("--save_npz", action="store_true", help="also write an ADM-style .npz of the samples")
+
+    group = parser.add_argument_group("checkpoints and logging")
+    group.add_argument("--output_dir", default="./output_dir")
+    group.add_argument("--log_dir", default=None, help="tensorboard folder (default: --output_dir)")
+    group.add_argument("--resume", default="", help="checkpoint file or folder (folder: checkpoint-<load_step>.pth)")
+    group.add_argument("--load_step", default="last", help="'last' or an epoch number")
+    group.add_argument("--start_epoch", default=0, type=int)
+    group.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth writes")
+
+    add_distributed_args(parser)
+    add_legacy_args(parser)
+    return parser
+
+
+def resolve_device(args):
+    """The settings step's device decision (shared with main_cache.py)."""
+    try:
+        args.device = dist.resolve_device_type(args.device)
+        check_tokenizer_settings(args.tokenizer, args.vae_embed_dim, args.vae_stride)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    if args.img_size % args.vae_stride:
+        raise SettingsError(f"--img_size {args.img_size} is not divisible by the tokenizer stride {args.vae_stride}")
+    return args
+
+
+def resolve_args(args):
+    """Fill derived settings in place and reject inconsistent ones with a message saying what to change."""
+    resolve_device(args)
+    try:
+        args.cfg, args.scale_0, args.scale_1 = apply_preset(
+            args.preset, model=args.model, mrar=args.mrar, img_size=args.img_size, sampler=args.sampler,
+            cfg=args.cfg, scale_0=args.scale_0, scale_1=args.scale_1)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    unknown = [name for name in args.metrics if name not in EVAL_METRICS]
+    if unknown:
+        raise SettingsError(f"--metrics {','.join(unknown)} unknown; choose from {', '.join(EVAL_METRICS)}")
+    if args.num_sampling_steps < SAMPLERS[args.sampler].min_steps:
+        raise SettingsError(f"--sampler {args.sampler} needs --num_sampling_steps >= "
+                            f"{SAMPLERS[args.sampler].min_steps}")
+    if args.mrar and args.patch_size != 2:
+        raise SettingsError(f"--mrar needs --patch_size 2 (got {args.patch_size}): the references are 2x2-patched "
+                            "latents. The original README's MRAR commands pass --patch_size 1 from an older code "
+                            "version; the authors later changed them to --patch_size 2.")
+    if args.mrar and args.use_cached:
+        raise SettingsError("--use_cached is not supported with --mrar (MRAR reads 4 images per example)")
+    if args.use_cached and not args.cached_path:
+        raise SettingsError("--use_cached needs --cached_path (the folder written by main_cache.py)")
+    if args.evaluate and args.num_images % args.class_num:
+        raise SettingsError(f"--num_images {args.num_images} must be a multiple of --class_num {args.class_num} "
+                            "(the same number of images per class)")
+    if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
+        raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
+    if isinstance(args.cfg, list) and not args.mrar:
+        raise SettingsError("a per-stage --cfg list needs --mrar")
+    if args.bf16:
+        args.precision = "bf16"
+    args.log_dir = args.log_dir or args.output_dir
+    world_size = dist.launch_world_size(args.dist_on_itp)
+    args.lr = absolute_lr(args.lr, args.blr, args.batch_size * world_size * args.gradient_accumulation_steps)
+    return args
