@@ -82,8 +82,21 @@ class FinalLayer(nn.Module):
 
 
 class PreparedCondition(NamedTuple):
-    """The per-block cross-attention keys/values of one condition; constant across sampling steps."""
+    """The per-block cross-attention keys/values of one condition; constant across sampling steps.
+
+    Each key and value is [B, H, Lc, D/H] and depends on its own row of the condition only, so rows can be
+    computed once and repeated or gathered to the images that share them (`repeat`, `rows`).
+    """
     key_values: List[Tuple[torch.Tensor, torch.Tensor]]
+
+    def repeat(self, copies: int) -> "PreparedCondition":
+        """Row `k·B + b` is row b (the layout of `Tensor.repeat(copies, ...)`); keys/values [copies·B, H, Lc, D/H]."""
+        return PreparedCondition([(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1))  # [copies·B, H, Lc, D/H]
+                                  for k, v in self.key_values])
+
+    def rows(self, index) -> "PreparedCondition":
+        """The rows `index` (an int64 [B'] tensor or a slice); keys/values [B', H, Lc, D/H]."""
+        return PreparedCondition([(k[index], v[index]) for k, v in self.key_values])  # [B', H, Lc, D/H]
 
 
 class DecoderNet(nn.Module):

@@ -20,14 +20,14 @@ decoder sees N = `diff_seqlen` tokens of width `decoder_token_dim`, written C (i
 model with p > 1; MRAR decodes at patch 1).
 """
 from functools import partial
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import EncoderBlock
-from models.diffdecoder import DiffusionDecoder
+from models.diffdecoder import DiffusionDecoder, PreparedCondition
 from models.flow import TIME_SCALE, FlowLossOutput, flow_matching_loss
 from models.noise import as_noise_source
 from models.samplers import VelocityFn, run_sampler
@@ -221,12 +221,17 @@ class TransDiff(nn.Module):
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, noise: Optional[torch.Tensor] = None,
                      timesteps: Optional[torch.Tensor] = None,
                      generator: Optional[torch.Generator] = None) -> FlowLossOutput:
-        """Flow-matching loss with `diffusion_batch_mul` draws per sample; row k·B + b is copy k of sample b."""
+        """Flow-matching loss with `diffusion_batch_mul` draws per sample; row k·B + b is copy k of sample b.
+
+        The condition projection and every block's cross-attention keys/values are computed once per sample
+        and repeated to its copies (the original repeats z and projects every copy): the same values, and the
+        backward sums the copies' gradients before the projections.
+        """
         mul = self.diffusion_batch_mul
-        z = z.repeat(mul, 1, 1)  # [B·mul, L, D]
+        net = self.diffdecoder.net
         target = target.repeat(mul, 1, 1)  # [B·mul, N, C]
-        prepared = self.diffdecoder.net.prepare_condition(z)
-        return flow_matching_loss(lambda x_t, k: self.diffdecoder.net.forward_prepared(x_t, prepared, k),
+        prepared = net.prepare_condition(z).repeat(mul)  # keys/values [B·mul, H, L, D/H]
+        return flow_matching_loss(lambda x_t, k: net.forward_prepared(x_t, prepared, k),
                                   target, noise=noise, timesteps=timesteps, generator=generator)
 
     def forward(self, images, labels: torch.Tensor, *, drop_rand: Optional[torch.Tensor] = None,
@@ -283,22 +288,52 @@ class TransDiff(nn.Module):
     def unconditional_embedding(self, batch: int) -> torch.Tensor:
         return self.fake_latent.expand(batch, -1)  # [B, D]
 
-    def velocity_function(self, cond: torch.Tensor, cfg: float) -> VelocityFn:
-        """Guided velocity `(x [B, N, C], t) -> v`; cond is [2B, L, D] ([cond; uncond]) when cfg != 1.
+    def label_condition(self, labels: torch.Tensor, guided: bool) -> PreparedCondition:
+        """Prepared condition of a stage that depends on the label alone (1-step, or the first MRAR stage).
 
-        The condition's cross-attention keys/values are computed once here, not once per step. Guidance is
-        applied to the velocity: the original mixes the SDE drifts instead, which is the same thing, since
-        the drift is affine in v with the same x in both halves.
+        Rows are `[cond; uncond]` ([2B]) when guided, else [B], as `velocity_function` expects. The encoder
+        and the key/value projections run once per distinct label and once for the unconditional row; the
+        rows are then gathered to the images (each row depends on its own input only, so the values are those
+        of one pass per image).
+        """
+        distinct, inverse = labels.unique(return_inverse=True)  # [U], [B]
+        embedding = self.class_emb(distinct)  # [U, D]
+        rows = inverse  # [B]
+        if guided:
+            embedding = torch.cat([embedding, self.unconditional_embedding(1)])  # [U + 1, D]
+            rows = torch.cat([inverse, inverse.new_full(inverse.shape, len(distinct))])  # [2B]
+        tokens = (embedding.new_zeros(len(embedding), self.tokens_per_stage, self.token_embed_dim)  # [U', Ls, C·p²]
+                  if self.mrar else None)
+        cond = self.forward_encoder(tokens, embedding)  # [U', Ls, D]
+        return self.diffdecoder.net.prepare_condition(cond).rows(rows)  # keys/values [B', H, Ls, D/H]
+
+    def velocity_function(self, cond: Union[torch.Tensor, PreparedCondition], cfg: float,
+                          cfg_interval: Optional[Tuple[float, float]] = None) -> VelocityFn:
+        """Guided velocity `(x [B, N, C], t) -> v`; cond has 2B rows ([cond; uncond]) when cfg != 1.
+
+        cond: condition tokens [B', L, D], or their `PreparedCondition`. The cross-attention keys/values are
+        computed once here, not once per step.
+        cfg_interval: (lo, hi) in [0, 1]: guidance only while lo <= t <= hi (t = 1 is noise); at other times
+            the conditional velocity alone, on the B conditional rows (half the network batch). None: guidance
+            at every step.
+        Guidance is applied to the velocity: the original mixes the SDE drifts instead, which is the same
+        thing, since the drift is affine in v with the same x in both halves.
         """
         net = self.diffdecoder.net
-        prepared = net.prepare_condition(cond)
+        prepared = net.prepare_condition(cond) if torch.is_tensor(cond) else cond
         guided = cfg != 1.0
+        if cfg_interval is not None:
+            lo, hi = cfg_interval
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {tuple(cfg_interval)}")
+        conditional = (prepared.rows(slice(0, len(prepared.key_values[0][0]) // 2))  # keys/values [B, H, L, D/H]
+                       if guided else prepared)
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if guided else x  # [B', N, C]
-            v = net.forward_prepared(x_in, prepared, (t * TIME_SCALE).expand(x_in.shape[0])).to(x.dtype)  # [B', N, C]
-            if not guided:
-                return v
+            if not guided or (cfg_interval is not None and not lo <= float(t) <= hi):
+                return net.forward_prepared(x, conditional, (t * TIME_SCALE).expand(x.shape[0])).to(x.dtype)  # [B, N, C]
+            x_in = torch.cat([x, x])  # [2B, N, C]
+            v = net.forward_prepared(x_in, prepared, (t * TIME_SCALE).expand(x_in.shape[0])).to(x.dtype)  # [2B, N, C]
             v_cond, v_uncond = v.chunk(2)  # 2 x [B, N, C]
             return v_uncond + cfg * (v_cond - v_uncond)  # [B, N, C]
 
@@ -316,13 +351,16 @@ class TransDiff(nn.Module):
     @torch.no_grad()
     def samples(self, labels: torch.Tensor, num_sampling_steps: Optional[int] = None,
                 cfg: Union[float, Sequence[float]] = 1.0, sampler: str = "maruyama", scale_0: float = 1.0,
-                scale_1: float = 1.0, *, noise: Optional[torch.Tensor] = None, generator=None,
-                return_stages: bool = False, velocity_hook: Optional[Callable[[VelocityFn], VelocityFn]] = None):
+                scale_1: float = 1.0, *, cfg_interval: Optional[Tuple[float, float]] = None,
+                noise: Optional[torch.Tensor] = None, generator=None, return_stages: bool = False,
+                velocity_hook: Optional[Callable[[VelocityFn], VelocityFn]] = None):
         """Generate latents [B, C, h, w] (still × latent_scale) for `labels` [B].
 
         num_sampling_steps: network evaluations per stage (None: the constructor's value, 100 by default).
         cfg: guidance scale, or one per MRAR stage. scale_0 / scale_1: drift / noise scales of the maruyama
-            sampler. noise: initial noise in token layout [B, N, C] (MRAR: reused by every stage).
+            sampler. cfg_interval: (lo, hi): guidance only at times lo <= t <= hi (t = 1 is noise), the
+            conditional velocity alone elsewhere (half the network batch); None: guidance at every step.
+        noise: initial noise in token layout [B, N, C] (MRAR: reused by every stage).
         generator: None, a torch.Generator, a list of per-image generators, or a `models.noise` source.
         return_stages: MRAR: return the list of every stage's output instead of the last.
         velocity_hook: wraps each stage's velocity function (progress bars, tracing).
@@ -340,19 +378,19 @@ class TransDiff(nn.Module):
                   if self.mrar else None)
         stage_outputs = []
         for stage, stage_cfg in enumerate(cfgs):
-            stage_tokens = None
-            if self.mrar:
-                if stage > 0:
-                    start = self.tokens_per_stage * stage
-                    tokens[:, start:start + self.tokens_per_stage] = self.patchify(stage_outputs[-1])  # [B, Ls, C·p²]
-                stage_tokens = tokens[:, :self.tokens_per_stage * (stage + 1)]  # [B, Ls·(stage+1), C·p²]
-            embedding = class_embedding
-            if stage_cfg != 1.0:
-                embedding = torch.cat([class_embedding, self.unconditional_embedding(batch)])  # [2B, D]
-                if stage_tokens is not None:
+            guided = stage_cfg != 1.0
+            if stage == 0:
+                cond = self.label_condition(labels, guided)  # the same for every image of a class
+            else:
+                start = self.tokens_per_stage * stage
+                tokens[:, start:start + self.tokens_per_stage] = self.patchify(stage_outputs[-1])  # [B, Ls, C·p²]
+                stage_tokens = tokens[:, :start + self.tokens_per_stage]  # [B, Ls·(stage+1), C·p²]
+                embedding = class_embedding
+                if guided:
+                    embedding = torch.cat([class_embedding, self.unconditional_embedding(batch)])  # [2B, D]
                     stage_tokens = torch.cat([stage_tokens, stage_tokens])  # [2B, Ls·(stage+1), C·p²]
-            cond = self.forward_encoder(stage_tokens, embedding)  # [B', Ls·(stage+1), D], B' = B or 2B
-            velocity = self.velocity_function(cond, stage_cfg)
+                cond = self.forward_encoder(stage_tokens, embedding)  # [B', Ls·(stage+1), D], B' = B or 2B
+            velocity = self.velocity_function(cond, stage_cfg, cfg_interval)
             if velocity_hook is not None:
                 velocity = velocity_hook(velocity)
             x = run_sampler(sampler, velocity, noise, steps, source, scale_0=scale_0, scale_1=scale_1)  # [B, N, C]

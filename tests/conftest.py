@@ -9,7 +9,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-# Two cores are shared by every process on the CI machine; one thread per process avoids
+# Every process of the CI machine competes for its two cores; one thread per process avoids
 # OpenMP oversubscription, which ran 4-6x slower than a single thread here.
 torch.set_num_threads(1)
 

@@ -26,6 +26,7 @@ def image_outputs(cell) -> int:
     return sum("image/png" in output.get("data", {}) for output in cell.get("outputs", []))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mrar", [False, True], ids=["one_step", "mrar"])
 def test_demo_notebook_runs_every_cell(tmp_path, monkeypatch, mrar):
     checkpoint = tmp_path / "checkpoint-last.pth"

@@ -31,8 +31,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 DEFAULT_TIMEOUT_MINUTES = 60.0  # rank 0 alone computes FID/IS while the others wait in a barrier
 
-_LOCAL_RANK = 0
-
 
 class LaunchEnv(NamedTuple):
     """Process placement read from a launcher's environment variables."""
@@ -121,13 +119,10 @@ def init_distributed(device_type: str, dist_on_itp: bool = False, dist_url: str 
         timeout_minutes: process-group timeout for collectives. Long by default so that ranks waiting
             while rank 0 computes metrics are not killed.
     """
-    global _LOCAL_RANK
     launch = parse_launcher_env(os.environ, dist_on_itp)
     if launch is None:
-        _LOCAL_RANK = 0
         device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
         return DistInfo(0, 1, 0, False, None, device)
-    _LOCAL_RANK = launch.local_rank
     if launch.launcher == "openmpi":
         init_method = f"tcp://{_require_env('MASTER_ADDR')}:{_require_env('MASTER_PORT')}"
     else:
@@ -167,11 +162,6 @@ def get_rank() -> int:
 def get_world_size() -> int:
     """Number of processes; 1 without a process group."""
     return dist.get_world_size() if is_initialized() else 1
-
-
-def get_local_rank() -> int:
-    """Rank within the node, as set by :func:`init_distributed`; 0 before it."""
-    return _LOCAL_RANK
 
 
 def is_main_process() -> bool:
