@@ -1,5 +1,4 @@
 """One engine for every model mode: training epochs, evaluation (generation + FID/IS) and latent caching."""
-import glob
 import math
 import os
 import time
@@ -13,10 +12,12 @@ from models.samplers import DEFAULT_SAMPLER
 from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
 from util import distributed as dist
 from util.datasets import cached_latent_path, write_cached_latent
-from util.eval_layout import image_class, image_seed
+from util.errors import RunError
+from util.eval_layout import claim_folder, folder_name, image_class, image_path, image_seed, is_complete_png
 from util.eval_metrics import EVAL_METRICS
+from util.execution import parameter_digest
 from util.images import to_uint8
-from util.io import TMP_SUFFIX, append_json_record, save_png
+from util.io import append_json_record, remove_stale_temp_files, save_png
 from util.logger import MetricLogger, SmoothedValue
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MissingMetricFile
@@ -25,7 +26,7 @@ from util.npz_export import write_adm_npz
 PRINT_FREQ = 20
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(RunError):
     """Training stopped because the loss was NaN or infinite (no checkpoint is written after it)."""
 
 
@@ -93,13 +94,25 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluation_folder(args, epoch_label, cfg, use_ema: bool) -> str:
-    """The original's folder name (plus the sampler when it is not the default)."""
+def evaluation_identity(net, tokenizer, args, cfg, use_ema: bool) -> dict:
+    """Everything that determines the generated images: the weights themselves and every setting."""
+    return {"weights_digest": parameter_digest(net), "weights": "ema" if use_ema else "raw",
+            "tokenizer_digest": parameter_digest(tokenizer), "seed": args.seed, "model": args.model,
+            "mrar": args.mrar, "patch_size": args.patch_size, "img_size": args.img_size, "class_num": args.class_num,
+            "tokenizer": args.tokenizer, "vae_stride": args.vae_stride, "vae_embed_dim": args.vae_embed_dim,
+            "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
+            "scale_0": args.scale_0, "scale_1": args.scale_1, "num_images": args.num_images,
+            "precision": args.precision}
+
+
+def evaluation_folder(args, epoch_label, cfg, use_ema: bool, identity: dict) -> str:
+    """The original's folder name (plus the sampler when it is not the default) and the identity's digest."""
     cfg_name = ",".join(str(c) for c in cfg) if isinstance(cfg, list) else cfg
     name = (f"epoch{epoch_label}-diffsteps{args.num_sampling_steps}-cfg{cfg_name}-image{args.num_images}-"
             f"scale{args.scale_0}-{args.scale_1}")
     if args.sampler != DEFAULT_SAMPLER:
         name += f"-{args.sampler}"
+    name = folder_name(name, identity)
     name += "_ema" if use_ema else ""
     name += "_evaluate" if args.evaluate else ""
     return os.path.join(args.output_dir, name)
@@ -110,7 +123,8 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
     """Write `{index:05d}.png` for every index < num_images; returns how many this rank generated.
 
     Batches of `eval_bsz` consecutive indices are dealt round-robin to the ranks; a batch whose PNGs all
-    exist is skipped, so an interrupted run resumes without duplicating or skipping images.
+    exist and decode at the right size is skipped, so an interrupted run resumes without duplicating or
+    skipping images, and a truncated image is made again.
     """
     num_batches = math.ceil(args.num_images / args.eval_bsz)
     mine = range(dist.get_rank(), num_batches, dist.get_world_size())
@@ -118,8 +132,8 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
     progress = tqdm(mine, desc="generating", disable=not dist.is_main_process(), dynamic_ncols=True)
     for batch in progress:
         indices = range(batch * args.eval_bsz, min((batch + 1) * args.eval_bsz, args.num_images))
-        paths = [os.path.join(folder, f"{index:05d}.png") for index in indices]
-        if all(os.path.exists(path) for path in paths):
+        paths = [image_path(folder, index) for index in indices]
+        if all(is_complete_png(path, args.img_size) for path in paths):
             continue
         started = time.time()
         labels = torch.tensor([image_class(i, args.num_images, args.class_num) for i in indices], device=device)
@@ -158,17 +172,24 @@ def build_metrics(args):
     return metrics, skipped
 
 
-def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger, cfg, use_ema=True):
-    """Generate `num_images` class-balanced images, then run the `--metrics` on rank 0. Returns the record."""
+def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger, cfg, use_ema=True,
+             source=""):
+    """Generate `num_images` class-balanced images, then run the `--metrics` on rank 0. Returns the record.
+
+    `source` names where the weights came from (a checkpoint path) for the folder's manifest.
+    """
     metrics, skipped = build_metrics(args)
     net = ema.module if use_ema else model
     was_training = net.training
     net.eval()
-    folder = evaluation_folder(args, epoch_label, cfg, use_ema)
+    identity = evaluation_identity(net, tokenizer, args, cfg, use_ema)
+    folder = evaluation_folder(args, epoch_label, cfg, use_ema, identity)
     if dist.is_main_process():
         os.makedirs(folder, exist_ok=True)
-        for stale in glob.glob(os.path.join(folder, "*" + TMP_SUFFIX)):  # left by a killed run
-            os.remove(stale)
+        claim_folder(folder, identity, {"source": source, "epoch": epoch_label, "args": vars(args)})
+        removed, _ = remove_stale_temp_files(folder)
+        if removed:
+            logger.info(f"removed {removed} temporary file(s) of an interrupted evaluation in {folder}")
     dist.barrier()
     logger.info(f"evaluating into {folder}")
     started = time.time()
@@ -186,7 +207,10 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
         postfix = ("_ema" if use_ema else "") + ("" if cfg == 1.0 else f"_cfg{cfg}") + f"_{args.sampler}"
         step = int(epoch_label) if epoch_label.isdigit() else 0
         for metric in metrics:
-            scores = metric.compute(folder, device)
+            try:
+                scores = metric.compute(folder, device)
+            except (OSError, ValueError, RuntimeError) as error:
+                raise RunError(f"metric {metric.name} over {folder} failed: {error}") from error
             record.update(scores)
             for key, value in scores.items():
                 if isinstance(value, float):

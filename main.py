@@ -20,8 +20,9 @@ from util import distributed as dist
 from util import run_state
 from util.crops import train_transform
 from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
+from util.errors import run_cli
 from util.execution import wrap_model
-from util.io import append_json_line, write_json
+from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
 from util.logger import TensorboardWriter, create_logger
 from util.optim import EMA, build_grad_scaler, build_optimizer
 from util.settings import SettingsError, get_args_parser, resolve_args
@@ -81,17 +82,44 @@ def evaluate_online(model, ema, tokenizer, args, epoch, device, context, writer,
         engine.evaluate(model, ema, tokenizer, args, str(epoch), device, context, writer, logger, cfg=cfg)
 
 
-def train(args, model, ema, tokenizer, device, context, writer, logger):
+def check_classes(dataset, args):
+    """The class folders must fit the model's class embedding (and a cache must hold every class)."""
+    classes = getattr(dataset, "classes", None) or []
+    if len(classes) > args.class_num:
+        raise SettingsError(f"the training data has {len(classes)} class folders but --class_num is "
+                            f"{args.class_num}: pass --class_num {len(classes)}")
+
+
+def start_training_run(args, logger, start_epoch):
+    """Clean what an interrupted run left and keep the logs free of epochs that will be trained again."""
+    removed, size = remove_stale_temp_files(args.output_dir, "checkpoint-*")
+    if removed:
+        logger.info(f"removed {removed} temporary file(s) ({size / 2**20:.1f} MiB) of interrupted checkpoint saves")
+    dropped = truncate_json_lines(os.path.join(args.output_dir, "log.jsonl"), lambda r: r["epoch"] < start_epoch)
+    if dropped:
+        logger.info(f"log.jsonl: dropped {dropped} record(s) of epochs from {start_epoch} on, which run again")
+    write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+
+
+def train(args, model, ema, tokenizer, device, context, logger):
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scaler = build_grad_scaler(args.precision == "fp16" or (args.precision == "auto" and device.type == "cuda"),
                                device.type)
     start_epoch = run_state.restore(args, model, ema, optimizer, scaler, logger).start_epoch
+    if start_epoch > args.epochs:
+        raise SettingsError(f"the run is already at epoch {start_epoch - 1}, beyond --epochs {args.epochs}; "
+                            "raise --epochs to train further")
     dataset, sampler, loader = build_train_loader(args, device)
+    check_classes(dataset, args)
     logger.info(f"training data: {len(dataset)} examples in {len(getattr(dataset, 'classes', []) or [])} classes; "
                 f"lr {args.lr:.3g}")
+    if dist.is_main_process():
+        start_training_run(args, logger, start_epoch)
     execution = wrap_model(model, device)
+    writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(), purge_step=start_epoch * 1000)
 
-    logger.info(f"training epochs {start_epoch}..{args.epochs - 1}")
+    logger.info(f"training epochs {start_epoch}..{args.epochs - 1}" if start_epoch < args.epochs else
+                f"nothing to train: the run already finished epoch {args.epochs - 1}")
     started = time.time()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -107,6 +135,7 @@ def train(args, model, ema, tokenizer, device, context, writer, logger):
         if dist.is_main_process():
             append_json_line(os.path.join(args.output_dir, "log.jsonl"), {"epoch": epoch, **stats})
     logger.info(f"training took {(time.time() - started) / 60:.1f} min")
+    writer.close()
 
 
 def main(args):
@@ -116,8 +145,6 @@ def main(args):
     logger = create_logger(args.output_dir)
     logger.info("command: " + " ".join(sys.argv))
     logger.info(json.dumps(vars(args), indent=1, default=str))
-    if dist.is_main_process():
-        write_json(os.path.join(args.output_dir, "args.json"), vars(args))
     seed_everything(args.seed + dist.get_rank())
 
     tokenizer = build_run_tokenizer(args, device)
@@ -129,30 +156,23 @@ def main(args):
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{trainable / 1e6:.2f}M trainable")
     ema = EMA(model)
-    writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
     context = engine.precision_context(args.precision, device)
     try:
         if args.evaluate:
-            epoch_label = run_state.restore(args, model, ema, None, None, logger).epoch_label
-            engine.evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, logger, cfg=args.cfg,
-                            use_ema=not args.eval_wo_ema)
+            restored = run_state.restore(args, model, ema, None, None, logger)
+            writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
+            engine.evaluate(model, ema, tokenizer, args, restored.epoch_label, device, context, writer, logger,
+                            cfg=args.cfg, use_ema=not args.eval_wo_ema, source=restored.path)
+            writer.close()
         else:
-            train(args, model, ema, tokenizer, device, context, writer, logger)
+            train(args, model, ema, tokenizer, device, context, logger)
     finally:
-        writer.close()
         dist.cleanup()
 
 
 def cli(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        resolve_args(args)
-        main(args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"main.py: error: {error}\n")
-    except engine.NonFiniteLoss as error:
-        parser.exit(1, f"main.py: {error}\n")
+    args = get_args_parser().parse_args(argv)
+    run_cli("main.py", lambda: main(resolve_args(args)))
 
 
 if __name__ == "__main__":

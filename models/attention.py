@@ -63,8 +63,8 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from the tokens, keys/values from the condition.
 
-    `key_values(cond)` is split out so that it is computed once per image (`DecoderNet.prepare_condition`):
-    the condition does not change across the diffusion steps.
+    `key_values(cond)` is split out so that it is computed once per condition (`DecoderNet.prepare_condition`):
+    the condition does not change across the diffusion steps, nor across a sample's training copies.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,

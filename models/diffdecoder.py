@@ -89,6 +89,10 @@ class PreparedCondition(NamedTuple):
     """
     key_values: List[Tuple[torch.Tensor, torch.Tensor]]
 
+    @property
+    def batch(self) -> int:
+        return self.key_values[0][0].shape[0]
+
     def repeat(self, copies: int) -> "PreparedCondition":
         """Row `k·B + b` is row b (the layout of `Tensor.repeat(copies, ...)`); keys/values [copies·B, H, Lc, D/H]."""
         return PreparedCondition([(k.repeat(copies, 1, 1, 1), v.repeat(copies, 1, 1, 1))  # [copies·B, H, Lc, D/H]

@@ -326,14 +326,15 @@ class TransDiff(nn.Module):
             lo, hi = cfg_interval
             if not 0.0 <= lo <= hi <= 1.0:
                 raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {tuple(cfg_interval)}")
-        conditional = (prepared.rows(slice(0, len(prepared.key_values[0][0]) // 2))  # keys/values [B, H, L, D/H]
-                       if guided else prepared)
+        conditional = prepared.rows(slice(0, prepared.batch // 2)) if guided else prepared  # kv [B, H, L, D/H]
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not guided or (cfg_interval is not None and not lo <= float(t) <= hi):
-                return net.forward_prepared(x, conditional, (t * TIME_SCALE).expand(x.shape[0])).to(x.dtype)  # [B, N, C]
-            x_in = torch.cat([x, x])  # [2B, N, C]
-            v = net.forward_prepared(x_in, prepared, (t * TIME_SCALE).expand(x_in.shape[0])).to(x.dtype)  # [2B, N, C]
+            guide = guided and (cfg_interval is None or lo <= float(t) <= hi)
+            x_in = torch.cat([x, x]) if guide else x  # [B', N, C]
+            net_t = (t * TIME_SCALE).expand(x_in.shape[0])  # [B']
+            v = net.forward_prepared(x_in, prepared if guide else conditional, net_t).to(x.dtype)  # [B', N, C]
+            if not guide:
+                return v
             v_cond, v_uncond = v.chunk(2)  # 2 x [B, N, C]
             return v_uncond + cfg * (v_cond - v_uncond)  # [B, N, C]
 

@@ -34,6 +34,7 @@ Verification by kind (`VERIFIERS`), after the sha256 where one is recorded:
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import http.client
 import json
@@ -129,9 +130,9 @@ def _released_checkpoint(preset: str) -> RemoteFile:
 # `.../resolve/main/<folder>/checkpoint-last.pth`), `vae/checkpoint-last.pth`, `VIRTUAL_imagenet512.npz` and
 # `Imagenet2012_mrar_files.txt` at its root. No sha256 is published for any of them, so none is recorded.
 REGISTRY: dict[str, RemoteFile] = {
-    "transdiff_b": _released_checkpoint("transdiff_b"),            # 1.16 GB class: fp32 state dict
+    "transdiff_b": _released_checkpoint("transdiff_b"),
     "transdiff_l": _released_checkpoint("transdiff_l"),
-    "transdiff_h": _released_checkpoint("transdiff_h"),            # 5.31 GB
+    "transdiff_h": _released_checkpoint("transdiff_h"),            # 5.31 GB (one fp32 state dict)
     "transdiff_b_mrar": _released_checkpoint("transdiff_b_mrar"),  # 1.16 GB
     "transdiff_l_mrar": _released_checkpoint("transdiff_l_mrar"),
     "transdiff_h_mrar": _released_checkpoint("transdiff_h_mrar"),
@@ -160,6 +161,12 @@ class VerificationError(RuntimeError):
 # Verification
 
 
+def _check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
+    bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise ValueError(f"non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}")
+
+
 def _verify_checkpoint(path: Path, entry: RemoteFile) -> str:
     spec = entry.checkpoint
     if spec is None:
@@ -170,18 +177,14 @@ def _verify_checkpoint(path: Path, entry: RemoteFile) -> str:
                                              class_num=spec.class_num)
     # assign=True: the meta parameters are replaced, not copied into (a copy into meta is a warned no-op).
     model.load_state_dict(state_dict, strict=True, assign=True)
-    bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-    if bad:
-        raise ValueError(f"non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}")
+    _check_finite(state_dict)
     mode = " --mrar --patch_size 2" if spec.mrar else ""
     return f"'{source}' loads strictly into --model {spec.model}{mode} --img_size {spec.img_size}"
 
 
 def _verify_vae(path: Path, entry: RemoteFile) -> str:
     vae = AutoencoderKL.from_checkpoint(path, **entry.vae_config)  # strict load; load_kl16 for {}
-    bad = [name for name, tensor in vae.state_dict().items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-    if bad:
-        raise ValueError(f"non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}")
+    _check_finite(vae.state_dict())
     return f"loads strictly into AutoencoderKL (stride {vae.stride}, {vae.embed_dim} latent channels)"
 
 
@@ -322,9 +325,14 @@ def fetch(url: str, part: Path, label: str, quiet: bool = False) -> None:
         raise _Incomplete(f"connection closed after {size} of {total} bytes")
 
 
+_LOCAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS})  # disk full, no permission
+
+
 def _retryable(error: BaseException) -> bool:
     if isinstance(error, urllib.error.HTTPError):
         return error.code not in _PERMANENT_HTTP
+    if isinstance(error, OSError) and error.errno in _LOCAL_ERRNOS:
+        return False  # the local disk, not the network: retrying cannot help
     return isinstance(error, (OSError, http.client.HTTPException))
 
 
@@ -421,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Download released TransDiff checkpoints, MAR's KL-16 VAE, FID reference statistics and the "
                     "MRAR index into the folders the README's commands use; resumable, each file verified.")
-    parser.add_argument("names", nargs="*", metavar="NAME", choices=list(REGISTRY),
-                        help=f"files to fetch: {', '.join(REGISTRY)}")
+    # Names are checked in `main`: argparse's `choices` rejects an empty `nargs="*"` (needed for --list).
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"files to fetch: {', '.join(REGISTRY)}")
     parser.add_argument("--list", action="store_true", help="list the names, URLs and local paths, and exit")
     parser.add_argument("--base_url", default=None,
                         help="a mirror: every file is fetched from <base_url>/<remote name> (see --list)")
@@ -437,13 +445,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Fetch the named files; return 0 when all are present and verified, 1 otherwise."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     dest = Path(args.dest)
+    if args.retries < 0:
+        parser.error(f"--retries must be >= 0, got {args.retries}")
+    unknown = [name for name in args.names if name not in REGISTRY]
+    if unknown:
+        parser.error(f"unknown name(s) {', '.join(map(repr, unknown))} (choose from {', '.join(REGISTRY)})")
     if args.list:
         list_files(dest, args.base_url)
         return 0
     if not args.names:
-        build_parser().error(f"name at least one file (choose from {', '.join(REGISTRY)}), or pass --list")
+        parser.error(f"name at least one file (choose from {', '.join(REGISTRY)}), or pass --list")
     failed = []
     for name in dict.fromkeys(args.names):  # each name once, in the given order
         try:

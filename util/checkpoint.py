@@ -59,7 +59,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         if "Weights only load failed" not in str(error):
             raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error}") from error
         raise ValueError(_disallowed_globals_message(path)) from error
-    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+    except Exception as error:  # the unpickler fails in many ways on foreign bytes (IndexError, KeyError, ...)
         raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error!r}") from error
     if not isinstance(checkpoint, dict):
         raise TypeError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
@@ -212,6 +212,10 @@ def _mismatch_message(src_sd, target_sd, missing, unexpected, mismatched, model_
     if src_blocks != target_blocks:
         lines.append(f"checkpoint has {src_blocks} encoder blocks but the model has {target_blocks}: "
                      "did you pass the right --model?")
+    src_classes, target_classes = src_sd.get("class_emb.weight"), target_sd.get("class_emb.weight")
+    if src_classes is not None and target_classes is not None and src_classes.shape[0] != target_classes.shape[0]:
+        lines.append(f"the checkpoint has {src_classes.shape[0]} classes but the model {target_classes.shape[0]}: "
+                     f"pass --class_num {src_classes.shape[0]}")
     src_mask, target_mask = src_sd.get("mask_token"), target_sd.get("mask_token")
     if (src_mask is not None and target_mask is not None and src_mask.ndim == target_mask.ndim == 3
             and src_mask.shape[1] > 1 and target_mask.shape[1] == 1):

@@ -24,12 +24,17 @@ from torch.utils.data import Dataset
 from torchvision.datasets import DatasetFolder, ImageFolder
 from torchvision.datasets.folder import default_loader
 
+from util.errors import RunError
 from util.io import atomic_write
 
 MOMENTS_KEY = "moments"  # [2C, h, w]: posterior mean and log-variance of the center-cropped image
 MOMENTS_FLIP_KEY = "moments_flip"  # the same for its horizontal mirror
 MRAR_GROUP_SIZE = 4  # images per MRAR example: three references and the final target
 
+
+
+class UnreadableImage(RunError):
+    """A training file (image or cache file) cannot be read; the message names it."""
 
 def find_class_folders(root: str) -> tuple[list[str], dict[str, int]]:
     """Sorted non-hidden sub-folder names of ``root`` and their indices."""
@@ -54,18 +59,19 @@ def _check_samples(dataset: DatasetFolder, root: str, kind: str) -> None:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises RuntimeError naming it."""
+    """Open an image as RGB; an unreadable file raises UnreadableImage naming it."""
     try:
         return default_loader(path)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise RuntimeError(f"cannot read image {path}: {error}") from error
+        raise UnreadableImage(f"cannot read image {path}: {error} (--skip_corrupt skips unreadable images with a "
+                              "warning)") from error
 
 
 class ImageFolderWithChecks(ImageFolder):
     """``ImageFolder`` over ``<data_path>/train`` with clear errors.
 
     Missing or empty folders raise FileNotFoundError; empty class folders only warn (they keep
-    their index). A corrupt image raises RuntimeError naming the file, which keeps runs
+    their index). A corrupt image raises UnreadableImage naming the file, which keeps runs
     reproducible; with ``skip_corrupt=True`` it is replaced by the next readable sample (with a
     warning), so the dataset length, and hence every rank's shard, stays the same.
     """
@@ -83,7 +89,7 @@ class ImageFolderWithChecks(ImageFolder):
             path, target = self.samples[(index + offset) % len(self.samples)]
             try:
                 image = self.loader(path)
-            except RuntimeError as error:
+            except UnreadableImage as error:
                 if not self.skip_corrupt:
                     raise
                 warnings.warn(f"skipping corrupt image: {error}", stacklevel=2)
@@ -91,7 +97,7 @@ class ImageFolderWithChecks(ImageFolder):
             if self.transform is not None:
                 image = self.transform(image)
             return image, target
-        raise RuntimeError(f"no readable image in {self.root}")
+        raise UnreadableImage(f"no readable image in {self.root}")
 
 
 def cached_latent_path(cached_root: str, image_root: str, image_path: str) -> str:
@@ -125,10 +131,10 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             return {key: data[key] for key in (MOMENTS_KEY, MOMENTS_FLIP_KEY)}
     except KeyError as error:
-        raise RuntimeError(f"cache file {path} lacks {error}; expected keys "
+        raise UnreadableImage(f"cache file {path} lacks {error}; expected keys "
                            f"{MOMENTS_KEY!r} and {MOMENTS_FLIP_KEY!r}") from error
     except (OSError, ValueError) as error:
-        raise RuntimeError(f"cannot read cache file {path}: {error}") from error
+        raise UnreadableImage(f"cannot read cache file {path}: {error}") from error
 
 
 class CachedLatentFolder(DatasetFolder):

@@ -16,6 +16,7 @@ from util.metrics import (
     MissingMetricFile,
     compute_fid_is,
     default_fid_stats_path,
+    load_inception,
     load_reference_statistics,
     resolve_inception_weights,
 )
@@ -51,6 +52,7 @@ class FidInceptionScore:
                                     "pass --fid_stats (tools/make_fid_stats.py builds one from an image folder)")
         load_reference_statistics(self.stats_path)
         self.weights_path = resolve_inception_weights(self.weights_path)
+        load_inception("cpu", self.weights_path)  # a wrong file fails now, not after hours of generation
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
         return compute_fid_is(folder, self.stats_path, device, weights_path=self.weights_path)

@@ -18,11 +18,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from util import distributed as dist
+from util.errors import RunError
 
 STRATEGIES = ("ddp",)
 
 
-class RanksDiverged(RuntimeError):
+class RanksDiverged(RunError):
     """The ranks' weights differ where a replicated strategy keeps them identical."""
 
 

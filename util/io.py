@@ -1,11 +1,12 @@
 """Small file writers: every file this project writes goes through `atomic_write`.
 
 A reader never sees a partial file: data goes to a temporary file in the destination folder, which then
-replaces the destination in one `os.replace`. Temporary files are named `.<name>.<random>.tmp`
-(`TMP_SUFFIX`), so a folder's leftovers from a killed process can be found by that pattern.
+replaces the destination in one `os.replace`. Temporary files are named `.<name>.<random>.tmp`, so a folder's
+leftovers from a killed process can be found (`stale_temp_files`) and removed at the next start.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -14,6 +15,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
+
+from util.errors import os_error_cause
 
 TMP_SUFFIX = ".tmp"
 
@@ -37,9 +40,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], dur
                 os.fsync(handle.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp creates files readable by the owner only
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        cause = os_error_cause(error)
+        if cause is not None and cause is not error:  # e.g. torch.save's RuntimeError over a full disk
+            raise OSError(cause.errno, cause.strerror, path) from error
         raise
     if durable:
         _fsync_directory(directory)
@@ -87,3 +93,35 @@ def append_json_line(path: str | os.PathLike, record: dict) -> None:
     """Append ``record`` as one line of a JSON-lines log (``log.jsonl``)."""
     with open(path, "a") as handle:
         handle.write(json.dumps(record, default=str) + "\n")
+
+
+def stale_temp_files(directory: str | os.PathLike, name_glob: str = "*") -> list[str]:
+    """The temporary files `atomic_write` left in ``directory`` for targets matching ``name_glob`` when a process
+    was killed mid-write (``.<target>.<random>.tmp``); only safe to remove while no writer is running there."""
+    return sorted(glob.glob(os.path.join(os.fspath(directory), f".{name_glob}.*{TMP_SUFFIX}")))
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, name_glob: str = "*") -> tuple[int, int]:
+    """Remove `stale_temp_files`; returns (files, bytes) removed."""
+    count = size = 0
+    for path in stale_temp_files(directory, name_glob):
+        try:
+            size += os.path.getsize(path)
+            os.remove(path)
+            count += 1
+        except FileNotFoundError:
+            continue
+    return count, size
+
+
+def truncate_json_lines(path: str | os.PathLike, keep: Callable[[dict], bool]) -> int:
+    """Rewrite a JSON-lines log keeping the records for which ``keep`` is true; returns how many were dropped."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    kept = [record for record in records if keep(record)]
+    if len(kept) != len(records):
+        payload = "".join(json.dumps(record, default=str) + "\n" for record in kept).encode()
+        atomic_write(path, lambda handle: handle.write(payload), durable=False)
+    return len(records) - len(kept)

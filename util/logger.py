@@ -147,7 +147,8 @@ class MetricLogger:
 class TensorboardWriter:
     """``SummaryWriter`` on rank 0; a no-op elsewhere or when tensorboard is not installed."""
 
-    def __init__(self, log_dir: str | None, enabled: bool = True):
+    def __init__(self, log_dir: str | None, enabled: bool = True, purge_step: int | None = None):
+        """``purge_step``: a resumed run's first step; events at or after it from the interrupted run are dropped."""
         self._writer = None
         if not (enabled and log_dir is not None and is_main_process()):
             return
@@ -157,7 +158,7 @@ class TensorboardWriter:
             warnings.warn(f"tensorboard is not available ({error}); scalars will not be written", stacklevel=2)
             return
         os.makedirs(log_dir, exist_ok=True)
-        self._writer = SummaryWriter(log_dir=log_dir)
+        self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     @property
     def active(self) -> bool:

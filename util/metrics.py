@@ -25,6 +25,7 @@ rank, gather the feature dicts and call ``metrics_from_features`` once.
 """
 import io
 import os
+import pickle
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -155,14 +156,22 @@ def load_reference_statistics(path: PathLike) -> dict[str, np.ndarray]:
     """
     if not os.path.isfile(path):
         raise _missing_stats(path)
-    with np.load(path) as data:
-        missing = [key for key in ("mu", "sigma") if key not in data.files]
-        if missing:
-            raise ValueError(f"{path} has no {missing} array(s) (found {data.files}); reference statistics need "
-                             "'mu' and 'sigma'. An ADM *sample* batch (arr_0 only) is not a reference: compute "
-                             "statistics with tools/make_fid_stats.py")
-        stats = {"mu": data["mu"], "sigma": data["sigma"]}
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [key for key in ("mu", "sigma") if key not in data.files]
+            if missing:
+                raise ValueError(f"{path} has no {missing} array(s) (found {data.files}); reference statistics "
+                                 "need 'mu' and 'sigma'. An ADM *sample* batch (arr_0 only) is not a reference: "
+                                 "compute statistics with tools/make_fid_stats.py")
+            stats = {"mu": data["mu"], "sigma": data["sigma"]}
+    except Exception as error:  # zip, header and pickle failures of foreign bytes
+        if isinstance(error, ValueError) and str(path) in str(error):
+            raise
+        raise ValueError(f"{path} is not a readable .npz of reference statistics (mu, sigma): it is corrupt or "
+                         "holds pickled objects, which are never loaded") from error
     _check_statistics(stats["mu"], stats["sigma"], str(path))
+    if not (np.isfinite(stats["mu"]).all() and np.isfinite(stats["sigma"]).all()):
+        raise ValueError(f"{path}: mu or sigma holds non-finite values")
     return stats
 
 
@@ -260,12 +269,17 @@ def load_inception(device: DeviceLike, weights_path: PathLike | None = None,
     path = resolve_inception_weights(weights_path)
     # torch-fidelity unpickles the weights with weights_only=False; load them safely here and hand it an
     # in-memory copy holding only tensors.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    extractor = create_feature_extractor(INCEPTION_EXTRACTOR, list(features), cuda=False,
-                                         feature_extractor_weights_path=buffer, verbose=False)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        buffer.seek(0)
+        extractor = create_feature_extractor(INCEPTION_EXTRACTOR, list(features), cuda=False,
+                                             feature_extractor_weights_path=buffer, verbose=False)
+    except Exception as error:  # foreign bytes, pickled objects or another network's state dict
+        detail = "" if isinstance(error, pickle.UnpicklingError) else f": {str(error).splitlines()[0][:200]}"
+        raise ValueError(f"{path} is not a weights file of torch-fidelity's {INCEPTION_EXTRACTOR} network "
+                         f"({type(error).__name__}{detail})") from None
     return extractor.to(torch.device(device))
 
 

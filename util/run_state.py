@@ -81,6 +81,7 @@ def save(output_dir: str, name: str | int, execution, ema, optimizer, scaler, ep
 class Restored(NamedTuple):
     start_epoch: int  # the first epoch to train
     epoch_label: str  # the checkpoint's epoch, 'released' or 'scratch' (names evaluation folders)
+    path: str         # the checkpoint loaded, '' for none
 
 
 def _model_for_width() -> dict[int, str]:
@@ -114,14 +115,19 @@ def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
     if not args.evaluate and os.path.isfile(own):
         path = own
     elif args.resume:
+        if not os.path.exists(args.resume):
+            raise FileNotFoundError(f"--resume {args.resume}: no such file or folder")
         path = find_resume_checkpoint(args.resume, args.load_step)
         if path is None:
-            message = f"--resume {args.resume}: no checkpoint-{args.load_step}.pth there"
+            message = f"--resume {args.resume}: no checkpoint-{args.load_step}.pth in this folder"
             if args.evaluate:
                 raise FileNotFoundError(message + "; nothing to evaluate")
             logger.warning("!" * 80 + f"\n{message}; TRAINING FROM SCRATCH\n" + "!" * 80)
     if path is None:
-        return Restored(args.start_epoch, "scratch")
+        if args.evaluate and not args.allow_random_weights:
+            raise ValueError("--evaluate needs weights: pass --resume <checkpoint or folder> (or "
+                             "--allow_random_weights to score an untrained model)")
+        return Restored(args.start_epoch, "scratch", "")
 
     checkpoint = load_checkpoint(path)
     raw, source = select_weights(checkpoint, use_ema=False)
@@ -142,9 +148,9 @@ def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
             logger.warning("the world size changed since this checkpoint: training continues, but its random "
                            "draws differ from an uninterrupted run")
         logger.info(f"resumed {path} (epoch {epoch}): continuing at epoch {epoch + 1}")
-        return Restored(epoch + 1, str(epoch))
+        return Restored(epoch + 1, str(epoch), path)
     if args.evaluate:
         logger.info(f"evaluating weights from {path} (epoch {epoch})")
-        return Restored(args.start_epoch, str(epoch) if epoch >= 0 else "released")
+        return Restored(args.start_epoch, str(epoch) if epoch >= 0 else "released", path)
     logger.info(f"initialised from {path} ({source}, epoch {epoch}); optimizer and epoch start fresh")
-    return Restored(0, str(epoch) if epoch >= 0 else "released")
+    return Restored(0, str(epoch) if epoch >= 0 else "released", path)

@@ -145,6 +145,8 @@ def get_args_parser():
     group.add_argument("--num_images", default=50000, type=int)
     group.add_argument("--eval_bsz", default=64, type=int, help="generation batch per process")
     group.add_argument("--eval_wo_ema", action="store_true", help="evaluate the raw weights instead of the EMA")
+    group.add_argument("--allow_random_weights", action="store_true",
+                       help="let --evaluate run without --resume (an untrained model)")
     group.add_argument("--online_eval", action="store_true", help="evaluate every --eval_freq epochs while training")
     group.add_argument("--eval_freq", default=50, type=int)
     group.add_argument("--metrics", default=",".join(DEFAULT_METRICS), type=_name_list,
