@@ -52,20 +52,22 @@ def batch_to_latents(batch, tokenizer, device, use_cached: bool):
 
 
 def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context, writer,
-                    logger):
+                    logger, start_step=0, steps_per_epoch=None, after_optimizer_step=None):
     """One pass over `loader` with the model of `execution` (`util.execution`); returns the epoch's averaged stats.
 
     Gradients of `gradient_accumulation_steps` micro-batches are summed (Parity: the original does not
     divide the loss), gradients are synchronised only on the last micro-batch, then clip, step, EMA update.
+    A resumed epoch starts at batch `start_step` of `steps_per_epoch` (the loader yields the rest);
+    `after_optimizer_step(batches_done)` runs after every optimizer step (mid-epoch checkpoints).
     """
     model = execution.module
     execution.train_module.train()
     metrics = MetricLogger(print_fn=logger.info)
     metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
     accumulation = args.gradient_accumulation_steps
-    steps = len(loader)
+    steps = steps_per_epoch or len(loader)
     optimizer.zero_grad(set_to_none=True)
-    for step, batch in enumerate(metrics.log_every(loader, PRINT_FREQ, f"Epoch: [{epoch}]")):
+    for step, batch in enumerate(metrics.log_every(loader, PRINT_FREQ, f"Epoch: [{epoch}]"), start=start_step):
         lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
         latents, labels = batch_to_latents(batch, tokenizer, device, args.use_cached)
         sync = (step + 1) % accumulation == 0 or step + 1 == steps
@@ -90,6 +92,8 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
         epoch_1000x = int((step / steps + epoch) * 1000)
         writer.add_scalar("train_loss", loss_value, epoch_1000x)
         writer.add_scalar("lr", lr, epoch_1000x)
+        if sync and after_optimizer_step is not None:
+            after_optimizer_step(step + 1)
     return {name: meter.global_avg for name, meter in metrics.meters.items()}
 
 

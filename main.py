@@ -19,6 +19,7 @@ from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util import run_state
 from util.crops import train_transform
+from util.data_order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
 from util.errors import run_cli
 from util.execution import wrap_model
@@ -51,6 +52,7 @@ def build_run_tokenizer(args, device):
 
 
 def build_train_loader(args, device):
+    """The training data in a resumable order: (dataset, sampler, loader); see `util.data_order`."""
     train_root = os.path.join(args.data_path, "train")
     if args.use_cached:
         dataset = CachedLatentFolder(args.cached_path, hflip=args.hflip)
@@ -59,12 +61,13 @@ def build_train_loader(args, device):
     else:
         dataset = ImageFolderWithChecks(train_root, transform=train_transform(args.img_size, hflip=args.hflip),
                                         skip_corrupt=args.skip_corrupt)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                                  shuffle=True, seed=args.seed)
+    dataset = SeededSamples(dataset, args.seed)
+    sampler = ResumableSampler(dataset, dist.get_world_size(), dist.get_rank(), args.seed, args.batch_size)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
                                          num_workers=args.num_workers, drop_last=True,
-                                         pin_memory=args.pin_mem and device.type == "cuda")
-    if len(loader) == 0:
+                                         pin_memory=args.pin_mem and device.type == "cuda",
+                                         generator=torch.Generator())
+    if sampler.full_batches == 0:
         raise SettingsError(f"{len(dataset)} training examples on {dist.get_world_size()} process(es) give no full "
                             f"batch of {args.batch_size}; lower --batch_size")
     return dataset, sampler, loader
@@ -105,37 +108,46 @@ def train(args, model, ema, tokenizer, device, context, logger):
     optimizer = build_optimizer(model, args.lr, args.weight_decay)
     scaler = build_grad_scaler(args.precision == "fp16" or (args.precision == "auto" and device.type == "cuda"),
                                device.type)
-    start_epoch = run_state.restore(args, model, ema, optimizer, scaler, logger).start_epoch
-    if start_epoch > args.epochs:
-        raise SettingsError(f"the run is already at epoch {start_epoch - 1}, beyond --epochs {args.epochs}; "
+    restored = run_state.restore(args, model, ema, optimizer, scaler, logger)
+    if restored.start_epoch > args.epochs:
+        raise SettingsError(f"the run is already at epoch {restored.start_epoch - 1}, beyond --epochs {args.epochs}; "
                             "raise --epochs to train further")
     dataset, sampler, loader = build_train_loader(args, device)
     check_classes(dataset, args)
-    logger.info(f"training data: {len(dataset)} examples in {len(getattr(dataset, 'classes', []) or [])} classes; "
-                f"lr {args.lr:.3g}")
+    steps = sampler.full_batches
+    logger.info(f"training data: {len(dataset)} examples in {len(getattr(dataset, 'classes', []) or [])} classes, "
+                f"{steps} batches per epoch and process; lr {args.lr:.3g}")
     if dist.is_main_process():
-        start_training_run(args, logger, start_epoch)
+        start_training_run(args, logger, restored.start_epoch)
     execution = wrap_model(model, device)
-    writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(), purge_step=start_epoch * 1000)
-
-    logger.info(f"training epochs {start_epoch}..{args.epochs - 1}" if start_epoch < args.epochs else
-                f"nothing to train: the run already finished epoch {args.epochs - 1}")
+    writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(),
+                               purge_step=int((restored.start_epoch + restored.start_step / steps) * 1000))
+    checkpoints = run_state.Checkpointer(args, execution, ema, optimizer, scaler, steps, logger)
+    logger.info(f"training epochs {restored.start_epoch}..{args.epochs - 1}" if restored.start_epoch < args.epochs
+                else f"nothing to train: the run already finished epoch {args.epochs - 1}")
     started = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        stats = engine.train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device,
-                                       context, writer, logger)
-        last_epoch = epoch + 1 == args.epochs
-        if epoch % args.save_last_freq == 0 or last_epoch:
-            run_state.save(args.output_dir, run_state.LAST, execution, ema, optimizer, scaler, epoch, args)
-        if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
-            evaluate_online(model, ema, tokenizer, args, epoch, device, context, writer, logger)
-        if epoch > 0 and (epoch % args.eval_freq == 0 or last_epoch):
-            run_state.save(args.output_dir, epoch, execution, ema, optimizer, scaler, epoch, args)
-        if dist.is_main_process():
-            append_json_line(os.path.join(args.output_dir, "log.jsonl"), {"epoch": epoch, **stats})
+    try:
+        for epoch in range(restored.start_epoch, args.epochs):
+            start_step = restored.start_step if epoch == restored.start_epoch else 0
+            sampler.set_position(epoch, start_step)
+            dataset.set_epoch(epoch)
+            loader.generator.manual_seed(epoch_loader_seed(args.seed, epoch))
+            stats = engine.train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device,
+                                           context, writer, logger, start_step, steps,
+                                           lambda done, epoch=epoch: checkpoints.inside_epoch(epoch, done))
+            last_epoch = epoch + 1 == args.epochs
+            if epoch % args.save_last_freq == 0 or last_epoch:
+                checkpoints.save(run_state.LAST, epoch, steps)
+            if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
+                evaluate_online(model, ema, tokenizer, args, epoch, device, context, writer, logger)
+            if epoch > 0 and (epoch % args.eval_freq == 0 or last_epoch):
+                checkpoints.save(epoch, epoch, steps)
+            if dist.is_main_process():
+                append_json_line(os.path.join(args.output_dir, "log.jsonl"), {"epoch": epoch, **stats})
+    finally:
+        checkpoints.close()
+        writer.close()
     logger.info(f"training took {(time.time() - started) / 60:.1f} min")
-    writer.close()
 
 
 def main(args):

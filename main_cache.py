@@ -3,8 +3,13 @@ the ranks of `torchrun`, into the layout that `main.py --use_cached --cached_pat
 
 Images get the ADM centre crop (no random crop): training on cached latents sees centre crops, flipped at
 random at load time. The tokenizer, data and distributed flags are `main.py`'s (`util.settings`).
+
+Resumable and race-free: rank 0 decides once which images still need caching (and removes the temporary files
+of an interrupted run) before any rank writes; every rank checks that it lists the same images; the run ends by
+counting the cache against the image folder and fails on any gap.
 """
 import argparse
+import hashlib
 import os
 
 import torch
@@ -13,7 +18,9 @@ from engine_transdiff import cache_latents
 from models.tokenizers import build_tokenizer
 from util import distributed as dist
 from util.crops import cache_transform
-from util.datasets import ImageFolderWithChecks, cached_latent_path
+from util.datasets import CACHE_CLASSES, ImageFolderWithChecks, cached_latent_path
+from util.errors import RunError, run_cli
+from util.io import remove_stale_temp_files, write_json
 from util.logger import create_logger
 from util.settings import add_data_args, add_distributed_args, add_legacy_args, add_tokenizer_args
 from util.settings import resolve_device as resolve_settings
@@ -37,6 +44,23 @@ def get_args_parser():
     return parser
 
 
+def uncached(dataset, cached_path, image_root):
+    """Indices of the dataset's images without a cache file."""
+    return [i for i, (path, _) in enumerate(dataset.samples)
+            if not os.path.exists(cached_latent_path(cached_path, image_root, path))]
+
+
+def prepare_cache_folder(cached_path, dataset, logger):
+    """Rank 0, before anyone writes: the class record, and no temporary files of an interrupted run."""
+    os.makedirs(cached_path, exist_ok=True)
+    write_json(os.path.join(cached_path, CACHE_CLASSES), dataset.classes)
+    removed = 0
+    for folder, _, _ in os.walk(cached_path):
+        removed += remove_stale_temp_files(folder)[0]
+    if removed:
+        logger.info(f"removed {removed} temporary file(s) of an interrupted caching run")
+
+
 def main(args):
     info = dist.init_distributed(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     logger = create_logger(None)
@@ -44,9 +68,16 @@ def main(args):
                                 vae_stride=args.vae_stride).to(info.device)
     image_root = os.path.join(args.data_path, "train")
     dataset = ImageFolderWithPaths(image_root, transform=cache_transform(args.img_size), skip_corrupt=args.skip_corrupt)
-    # Resumable: images whose moments already exist are not encoded again.
-    dataset.samples = [s for s in dataset.samples
-                       if not os.path.exists(cached_latent_path(args.cached_path, image_root, s[0]))]
+    listing = hashlib.sha256("\n".join(path for path, _ in dataset.samples).encode()).hexdigest()
+    if len(set(dist.all_gather_object(listing))) != 1:
+        raise RunError(f"the ranks list different images under {image_root}: is the folder changing?")
+    todo = None
+    if dist.is_main_process():
+        prepare_cache_folder(args.cached_path, dataset, logger)
+        todo = uncached(dataset, args.cached_path, image_root)
+        logger.info(f"{len(todo)} of {len(dataset.samples)} images to cache")
+    todo = dist.broadcast_object(todo)  # decided once, before any rank writes
+    dataset.samples = [dataset.samples[i] for i in todo]
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
                                                   shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
@@ -55,17 +86,21 @@ def main(args):
     written = cache_latents(tokenizer, loader, info.device, args.cached_path, image_root, logger)
     logger.info(f"rank {dist.get_rank()}: cached {written} images into {args.cached_path}")
     dist.barrier()
-    dist.cleanup()
+    try:
+        if dist.is_main_process():
+            full = ImageFolderWithChecks(image_root, skip_corrupt=args.skip_corrupt)
+            missing = uncached(full, args.cached_path, image_root)
+            if missing:
+                raise RunError(f"{len(missing)} of {len(full.samples)} images of {image_root} have no cache file "
+                               f"in {args.cached_path}, e.g. {full.samples[missing[0]][0]}; rerun main_cache.py")
+            logger.info(f"{args.cached_path} holds all {len(full.samples)} images of {image_root}")
+    finally:
+        dist.cleanup()
 
 
 def cli(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    try:
-        resolve_settings(args)
-        main(args)
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"main_cache.py: error: {error}\n")
+    args = get_args_parser().parse_args(argv)
+    run_cli("main_cache.py", lambda: main(resolve_settings(args)))
 
 
 if __name__ == "__main__":

@@ -359,7 +359,8 @@ class TransDiff(nn.Module):
 
         num_sampling_steps: network evaluations per stage (None: the constructor's value, 100 by default).
         cfg: guidance scale, or one per MRAR stage. scale_0 / scale_1: drift / noise scales of the maruyama
-            sampler. cfg_interval: (lo, hi): guidance only at times lo <= t <= hi (t = 1 is noise), the
+            sampler.
+        cfg_interval: (lo, hi) in [0, 1]: guidance only at times lo <= t <= hi (t = 1 is noise), the
             conditional velocity alone elsewhere (half the network batch); None: guidance at every step.
         noise: initial noise in token layout [B, N, C] (MRAR: reused by every stage).
         generator: None, a torch.Generator, a list of per-image generators, or a `models.noise` source.

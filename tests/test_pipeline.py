@@ -262,7 +262,11 @@ def test_corrupt_image_and_empty_class_folder(tmp_path):
     (data / "train" / "empty_class").mkdir()
     (data / "train" / "bees" / "broken.png").write_bytes(b"not a png")
     result = run([*TINY, "--data_path", data, "--output_dir", tmp_path / "out", "--epochs", 1], check=False)
-    assert result.returncode != 0 and "broken.png" in result.stderr
+    assert result.returncode == 2 and "4 class folders but --class_num is 3: pass --class_num 4" in result.stderr
+    result = run([*TINY, "--data_path", data, "--output_dir", tmp_path / "out", "--epochs", 1, "--class_num", 4],
+                 check=False)
+    assert result.returncode == 1 and "broken.png" in result.stderr and "--skip_corrupt" in result.stderr
+    assert "Traceback" not in result.stderr
     assert "empty_class" in result.stderr  # warned, not fatal
     result = run([*TINY, "--data_path", data, "--output_dir", tmp_path / "out", "--epochs", 1, "--skip_corrupt",
                   "--class_num", 4])

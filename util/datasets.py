@@ -27,6 +27,7 @@ from torchvision.datasets.folder import default_loader
 from util.errors import RunError
 from util.io import atomic_write
 
+CACHE_CLASSES = "classes.json"  # the image folder's class list, written by main_cache.py
 MOMENTS_KEY = "moments"  # [2C, h, w]: posterior mean and log-variance of the center-cropped image
 MOMENTS_FLIP_KEY = "moments_flip"  # the same for its horizontal mirror
 MRAR_GROUP_SIZE = 4  # images per MRAR example: three references and the final target
@@ -143,13 +144,17 @@ class CachedLatentFolder(DatasetFolder):
     Each item is the moments of the image or (unless ``hflip=False``) of its mirror, 50/50, drawn from
     ``generator`` or, when
     it is None, from torch's global RNG (which DataLoader seeds per worker; one generator object
-    shared by all workers would repeat the same draws in each). ``classes`` fixes the class list,
-    e.g. to the image folder's, when some class has no cache files; by default the cache's own
-    sorted class folders are used, which equal the image folder's for a complete cache.
+    shared by all workers would repeat the same draws in each). ``classes`` fixes the class list; by default
+    it is the image folder's, as `main_cache.py` recorded it in ``<root>/classes.json``, so a class without
+    cache files keeps its label instead of shifting every later one (its absence is warned about), and a
+    cache without that record uses its own sorted class folders.
     """
 
     def __init__(self, root: str, classes: Sequence[str] | None = None,
                  generator: torch.Generator | None = None, hflip: bool = True):
+        if classes is None and os.path.isfile(os.path.join(root, CACHE_CLASSES)):
+            with open(os.path.join(root, CACHE_CLASSES)) as handle:
+                classes = json.load(handle)
         self._fixed_classes = list(classes) if classes is not None else None
         self.generator = generator
         self.hflip = hflip
@@ -188,6 +193,7 @@ class MRARDataset(Dataset):
             raise FileNotFoundError(f"MRAR index file not found: {index_file} "
                                     "(build one with tools/build_mrar_index.py)")
         self.groups: list[tuple[str, tuple[str, ...], int]] = []
+        self._class_files: dict[str, set[str]] = {}
         with open(index_file, encoding="utf-8") as handle:
             for line_number, line in enumerate(handle, start=1):
                 if line.strip():
@@ -207,7 +213,14 @@ class MRARDataset(Dataset):
             raise ValueError(f"{where}: class {cate!r} is not a class folder of {self.image_root}")
         if not isinstance(files, list) or len(files) < MRAR_GROUP_SIZE:
             raise ValueError(f"{where}: needs at least {MRAR_GROUP_SIZE} files, got {files!r}")
-        return cate, tuple(files[:MRAR_GROUP_SIZE]), self.class_to_idx[cate]
+        group = tuple(files[:MRAR_GROUP_SIZE])
+        if cate not in self._class_files:  # one listing per class: no stat() per file on a network filesystem
+            self._class_files[cate] = set(os.listdir(os.path.join(self.image_root, cate)))
+        for name in group:
+            if not isinstance(name, str) or name not in self._class_files[cate]:
+                raise ValueError(f"{where}: {name!r} is not a file of the class folder "
+                                 f"{os.path.join(self.image_root, cate)} (a group holds images of its own class)")
+        return cate, group, self.class_to_idx[cate]
 
     def __len__(self) -> int:
         return len(self.groups)
@@ -216,9 +229,6 @@ class MRARDataset(Dataset):
         cate, files, label = self.groups[index]
         images = []
         for name in files:
-            path = os.path.join(self.image_root, cate, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"MRAR group {index} of {self.index_file}: image {path} not found")
-            image = load_rgb(path)
+            image = load_rgb(os.path.join(self.image_root, cate, name))
             images.append(self.transform(image) if self.transform is not None else image)
         return (*images, label)

@@ -135,10 +135,34 @@ def init_distributed(device_type: str, dist_on_itp: bool = False, dist_url: str 
         device, backend = torch.device("cuda", launch.local_rank), "nccl"
     else:
         device, backend = torch.device(device_type), "gloo"
-    dist.init_process_group(backend=backend, init_method=init_method, world_size=launch.world_size,
-                            rank=launch.rank, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    store = restart_scoped_store(launch, init_method, timeout)
+    if store is None:
+        dist.init_process_group(backend=backend, init_method=init_method, world_size=launch.world_size,
+                                rank=launch.rank, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, store=store, world_size=launch.world_size, rank=launch.rank,
+                                timeout=timeout)
     barrier()
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, True, backend, device)
+
+
+def restart_scoped_store(launch: LaunchEnv, init_method: str, timeout: datetime.timedelta):
+    """Under a one-node `torchrun --max-restarts`, a rendezvous store keyed by the restart count; else None.
+
+    torchrun's agent keeps one store across worker restarts, and ``env://`` reads the previous attempt's keys:
+    the restarted ranks dial the dead ranks' gloo addresses and fail (or hang). A prefix per restart gives each
+    attempt its own keys. Only on one node, where one agent counts the restarts for every rank; across nodes
+    the counts are per agent, and torch's c10d rendezvous hosts a fresh store for each round instead.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    one_node = os.environ.get("LOCAL_WORLD_SIZE") == str(launch.world_size)
+    if launch.launcher != "torchrun" or restart is None or not one_node or init_method != "env://":
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(_require_env("MASTER_ADDR"), int(_require_env("MASTER_PORT")), launch.world_size,
+                          is_master=launch.rank == 0 and not agent_hosts_store, timeout=timeout)
+    return dist.PrefixStore(f"transdiff/restart{restart}/", store)
 
 
 def _require_env(name: str) -> str:

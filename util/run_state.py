@@ -7,8 +7,11 @@ adaptation, the explanation of a mismatch) is `util.checkpoint`'s.
 """
 from __future__ import annotations
 
+import math
 import os
 import random
+import signal
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -17,6 +20,7 @@ import torch
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util.checkpoint import adapt_state_dict, load_checkpoint, save_checkpoint, select_weights
+from util.errors import Preempted
 
 LAST = "last"
 SAME_RUN_KEYS = ("model", "mrar", "img_size")  # a training checkpoint with these continues exactly
@@ -64,24 +68,50 @@ def restore_rng_state(states: list | None) -> bool:
     return True
 
 
-def save(output_dir: str, name: str | int, execution, ema, optimizer, scaler, epoch: int, args) -> None:
-    """Write ``checkpoint-<name>.pth`` atomically. A collective: every rank contributes its RNG state and a
-    weight digest, and a divergence between ranks is an error rather than a silently saved rank-0 copy."""
+class Position(NamedTuple):
+    """Where training stands: `epoch_step` batches of `epoch` are done (all of them: the epoch is complete)."""
+
+    epoch: int
+    epoch_step: int
+    steps_per_epoch: int
+
+    @property
+    def complete(self) -> bool:
+        return self.epoch_step >= self.steps_per_epoch
+
+
+def save(output_dir: str, name: str | int, execution, ema, optimizer, scaler, position: Position, args) -> str:
+    """Write ``checkpoint-<name>.pth`` atomically; returns its path. A collective: every rank contributes its RNG
+    state and a weight digest, and a divergence between ranks is an error rather than a silently saved rank-0 copy.
+
+    The checkpoint records the position (epoch, batches done of ``steps_per_epoch``, optimizer steps; saves happen
+    after an optimizer step, so no accumulation micro-step is pending) and the data order's inputs (seed, world
+    size, batch size), so a resumed run skips exactly the batches already trained on.
+    """
     states = dist.all_gather_object(rng_state())
-    weights, digests = execution.state_dict(f"epoch {epoch}")
+    weights, digests = execution.state_dict(f"epoch {position.epoch}, step {position.epoch_step}")
+    path = checkpoint_path(output_dir, name)
     if not dist.is_main_process():
-        return
+        return path
+    optimizer_steps = math.ceil(position.steps_per_epoch / args.gradient_accumulation_steps)
     state = {"model": weights, "model_ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "epoch": epoch, "args": vars(args), "rng_states": states, "rank_weight_digests": digests}
+             "epoch": position.epoch, "epoch_step": position.epoch_step,
+             "steps_per_epoch": position.steps_per_epoch, "accumulation_micro_step": 0,
+             "optimizer_step": position.epoch * optimizer_steps + math.ceil(
+                 position.epoch_step / args.gradient_accumulation_steps),
+             "data_order": {"seed": args.seed, "world_size": dist.get_world_size(), "batch_size": args.batch_size},
+             "args": vars(args), "rng_states": states, "rank_weight_digests": digests}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
-    save_checkpoint(checkpoint_path(output_dir, name), state)
+    save_checkpoint(path, state)
+    return path
 
 
 class Restored(NamedTuple):
     start_epoch: int  # the first epoch to train
     epoch_label: str  # the checkpoint's epoch, 'released' or 'scratch' (names evaluation folders)
     path: str         # the checkpoint loaded, '' for none
+    start_step: int = 0  # batches of start_epoch already trained (a mid-epoch checkpoint)
 
 
 def _model_for_width() -> dict[int, str]:
@@ -144,13 +174,97 @@ def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
+        same_order = checkpoint.get("data_order") == {"seed": args.seed, "world_size": dist.get_world_size(),
+                                                      "batch_size": args.batch_size}
         if not restore_rng_state(checkpoint.get("rng_states")):
             logger.warning("the world size changed since this checkpoint: training continues, but its random "
                            "draws differ from an uninterrupted run")
-        logger.info(f"resumed {path} (epoch {epoch}): continuing at epoch {epoch + 1}")
-        return Restored(epoch + 1, str(epoch), path)
+        position = Position(epoch, checkpoint.get("epoch_step", 1), checkpoint.get("steps_per_epoch", 1))
+        if position.complete:
+            logger.info(f"resumed {path} (epoch {epoch}): continuing at epoch {epoch + 1}")
+            return Restored(epoch + 1, str(epoch), path)
+        if not same_order:
+            logger.warning(f"{path} stopped inside epoch {epoch}, but the seed, world size or batch size changed: "
+                           f"epoch {epoch} starts again from its first batch")
+            return Restored(epoch, str(epoch), path)
+        logger.info(f"resumed {path} (epoch {epoch}, {position.epoch_step} of {position.steps_per_epoch} batches "
+                    f"done): continuing at batch {position.epoch_step}")
+        return Restored(epoch, str(epoch), path, position.epoch_step)
     if args.evaluate:
         logger.info(f"evaluating weights from {path} (epoch {epoch})")
         return Restored(args.start_epoch, str(epoch) if epoch >= 0 else "released", path)
     logger.info(f"initialised from {path} ({source}, epoch {epoch}); optimizer and epoch start fresh")
     return Restored(0, str(epoch) if epoch >= 0 else "released", path)
+
+
+class SavePolicy:
+    """When to write ``checkpoint-last.pth`` inside an epoch: every ``every_steps`` optimizer steps, every
+    ``every_minutes`` minutes of rank 0's clock, and at the next optimizer step after a SIGTERM (pre-emption).
+
+    `decide` is called by every rank after every optimizer step; the ranks agree on its answer (a SIGTERM on any
+    rank and rank 0's clock are summed over the ranks), so every rank saves at the same step. A second SIGTERM
+    kills the process as usual, e.g. when the first one arrives during an evaluation.
+    """
+
+    def __init__(self, every_steps: int = 0, every_minutes: float = 0.0):
+        self.every_steps = every_steps
+        self.every_minutes = every_minutes
+        self.terminated = False
+        self.last_save = time.monotonic()
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        if self.terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+        self.terminated = True
+
+    def decide(self, optimizer_step: int) -> tuple[bool, bool]:
+        """(save now, stop after saving) after global optimizer step ``optimizer_step``."""
+        clock_due = (self.every_minutes > 0 and dist.is_main_process()
+                     and time.monotonic() - self.last_save >= 60 * self.every_minutes)
+        terminated, clock_due = dist.all_reduce_sum([float(self.terminated), float(clock_due)])
+        steps_due = self.every_steps > 0 and optimizer_step % self.every_steps == 0
+        return bool(steps_due or terminated or clock_due), bool(terminated)
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+class Checkpointer:
+    """A training run's saves: at the ends of epochs (`save`) and inside them (`inside_epoch`, by `SavePolicy`)."""
+
+    def __init__(self, args, execution, ema, optimizer, scaler, steps_per_epoch: int, logger):
+        self.args, self.execution, self.ema, self.optimizer, self.scaler = args, execution, ema, optimizer, scaler
+        self.steps = steps_per_epoch
+        self.logger = logger
+        self.optimizer_steps_per_epoch = math.ceil(steps_per_epoch / args.gradient_accumulation_steps)
+        self.policy = SavePolicy(args.save_every_steps, args.save_every_minutes)
+
+    def save(self, name: str | int, epoch: int, epoch_step: int) -> str:
+        path = save(self.args.output_dir, name, self.execution, self.ema, self.optimizer, self.scaler,
+                    Position(epoch, epoch_step, self.steps), self.args)
+        self.policy.saved()
+        return path
+
+    def inside_epoch(self, epoch: int, epoch_step: int) -> None:
+        """After an optimizer step that left `epoch_step` batches of `epoch` done: save if due; after a SIGTERM,
+        save and raise Preempted."""
+        if epoch_step >= self.steps:
+            return  # the end-of-epoch saves
+        optimizer_step = (epoch * self.optimizer_steps_per_epoch
+                          + math.ceil(epoch_step / self.args.gradient_accumulation_steps))
+        due, stop = self.policy.decide(optimizer_step)
+        if not due:
+            return
+        path = self.save(LAST, epoch, epoch_step)
+        self.logger.info(f"saved {path} at epoch {epoch}, batch {epoch_step} of {self.steps}")
+        if stop:
+            raise Preempted(f"SIGTERM: saved {path} at epoch {epoch}, batch {epoch_step}; rerun the same command "
+                            "to continue")
+
+    def close(self) -> None:
+        self.policy.close()

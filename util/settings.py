@@ -166,6 +166,11 @@ def get_args_parser():
     group.add_argument("--load_step", default="last", help="'last' or an epoch number")
     group.add_argument("--start_epoch", default=0, type=int)
     group.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth writes")
+    group.add_argument("--save_every_steps", default=0, type=int,
+                       help="also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)")
+    group.add_argument("--save_every_minutes", default=0.0, type=float,
+                       help="also write checkpoint-last.pth every M minutes inside an epoch (0: off).\n"
+                            "A SIGTERM (pre-emption) always saves at the next optimizer step, then exits 143")
 
     add_distributed_args(parser)
     add_legacy_args(parser)
@@ -210,6 +215,8 @@ def resolve_args(args):
     if args.evaluate and args.num_images % args.class_num:
         raise SettingsError(f"--num_images {args.num_images} must be a multiple of --class_num {args.class_num} "
                             "(the same number of images per class)")
+    if args.save_every_steps < 0 or args.save_every_minutes < 0 or args.save_last_freq < 1:
+        raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
         raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
     if isinstance(args.cfg, list) and not args.mrar:

@@ -1,0 +1,77 @@
+"""The training data's order and random draws as functions of (seed, epoch, position), so that a run resumed in
+the middle of an epoch sees exactly the batches, crops and flips an uninterrupted run would have seen.
+
+* `ResumableSampler`: `DistributedSampler`'s shuffled shard of an epoch, started `start_batch` batches in.
+* `SeededSamples`: draws sample `index`'s augmentation (crop offset, flip, cached-latent mirror) from a generator
+  seeded by (seed, epoch, index), in the loader worker or the main process alike, without touching the
+  process's global RNG (which the model's own draws use and a checkpoint restores).
+* `epoch_loader_seed`: the seed of the DataLoader's own generator, so creating an epoch's iterator draws nothing from
+  the global RNG either.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+_SEED_STRIDE = 1_000_003  # a prime larger than any dataset: (seed, epoch, index) -> distinct seeds
+
+
+class ResumableSampler(DistributedSampler):
+    """`DistributedSampler` (shuffled, drop_last per rank as the loader does) that can start mid-epoch.
+
+    `set_position(epoch, start_batch)` makes the next iteration yield this rank's indices of `epoch` from batch
+    `start_batch` on (`batch_size` indices per batch); `len()` is what remains, `full_batches` the whole epoch.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int, batch_size: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size = batch_size
+        self.start_batch = 0
+
+    @property
+    def full_batches(self) -> int:
+        """Batches per epoch on this rank (the loader drops the last partial one)."""
+        return self.num_samples // self.batch_size
+
+    def set_position(self, epoch: int, start_batch: int = 0) -> None:
+        if not 0 <= start_batch <= self.full_batches:
+            raise ValueError(f"start batch {start_batch} outside an epoch of {self.full_batches} batches")
+        self.set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start_batch * self.batch_size:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_batch * self.batch_size
+
+
+class SeededSamples(Dataset):
+    """Wraps a training dataset so that sample `index` of epoch `epoch` draws its randomness from its own seed."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # classes, samples, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * _SEED_STRIDE + self.epoch) * _SEED_STRIDE + index)
+            return self.dataset[index]
+
+
+def epoch_loader_seed(seed: int, epoch: int) -> int:
+    """The seed of the DataLoader's own generator in one epoch (it seeds the loader's workers)."""
+    return seed * _SEED_STRIDE + epoch
