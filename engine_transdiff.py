@@ -105,7 +105,8 @@ def evaluation_identity(net, tokenizer, args, cfg, use_ema: bool) -> dict:
             "mrar": args.mrar, "patch_size": args.patch_size, "img_size": args.img_size, "class_num": args.class_num,
             "tokenizer": args.tokenizer, "vae_stride": args.vae_stride, "vae_embed_dim": args.vae_embed_dim,
             "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
-            "scale_0": args.scale_0, "scale_1": args.scale_1, "num_images": args.num_images,
+            "scale_0": args.scale_0, "scale_1": args.scale_1, "cfg_interval": args.cfg_interval,
+            "num_images": args.num_images,
             "precision": args.precision}
 
 
@@ -144,7 +145,8 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
         noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in indices)
         with context():
             latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
-                                  scale_0=args.scale_0, scale_1=args.scale_1, generator=noise)
+                                  scale_0=args.scale_0, scale_1=args.scale_1, generator=noise,
+                                  cfg_interval=args.cfg_interval)
             images = decode_from_latents(tokenizer, latents)
         for path, pixels in zip(paths, to_uint8(images)):
             save_png(path, pixels)
@@ -201,7 +203,8 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     net.train(was_training)
     dist.barrier()
 
-    record = {"epoch": epoch_label, "cfg": cfg, "scale_0": args.scale_0, "scale_1": args.scale_1,
+    record = {"epoch": epoch_label, "cfg": cfg, "cfg_interval": args.cfg_interval, "scale_0": args.scale_0,
+              "scale_1": args.scale_1, "precision": args.precision, "weights_digest": identity["weights_digest"],
               "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "ema": use_ema,
               "num_images": args.num_images, "folder": folder, "generation_minutes": (time.time() - started) / 60}
     if dist.is_main_process():

@@ -38,6 +38,14 @@ def _cfg_list(text):
     return values[0] if len(values) == 1 else values
 
 
+def _interval(text):
+    """'0.1,0.8' -> (0.1, 0.8)."""
+    values = tuple(float(v) for v in str(text).split(","))
+    if len(values) != 2 or not 0.0 <= values[0] <= values[1] <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO <= HI <= 1, got {text!r}")
+    return values
+
+
 def _name_list(text):
     return [name for name in str(text).split(",") if name]
 
@@ -137,6 +145,9 @@ def get_args_parser():
     group.add_argument("--num_sampling_steps", default=100, type=int,
                        help="time steps per image (per MRAR stage)")
     group.add_argument("--cfg", default=None, type=_cfg_list, help="guidance scale, or 4 comma-separated (MRAR)")
+    group.add_argument("--cfg_interval", default=None, type=_interval,
+                       help="LO,HI: guidance only while t (1 = noise, 0 = data) lies in [LO, HI]; conditional-only\n"
+                            "evaluations elsewhere cost half (default: guidance at every step)")
     group.add_argument("--scale_0", default=None, type=float, help="maruyama: drift (mean) scale, default 1.0")
     group.add_argument("--scale_1", default=None, type=float, help="maruyama: noise (std) scale, default 1.0")
 
