@@ -71,8 +71,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
 def _disallowed_globals_message(path: str) -> str:
     try:
         names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (RuntimeError, ValueError, pickle.UnpicklingError):
-        names = "unknown"
+    except Exception:  # not a zip checkpoint: foreign bytes, a truncated file or a legacy pickle
+        return (f"{path} is not a PyTorch checkpoint in the zip format: it is truncated or foreign bytes, or a "
+                "legacy pickle, which we refuse to unpickle because that can execute code")
     return (f"{path} contains pickled Python objects outside the allow-list ({names}). We refuse to "
             "unpickle arbitrary objects because that can execute code. If you trust the file, convert "
             "it once: ckpt = torch.load(path, weights_only=False); keep only tensors, state dicts and "
