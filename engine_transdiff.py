@@ -4,6 +4,7 @@ import os
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -16,7 +17,7 @@ from util.errors import RunError
 from util.eval_layout import claim_folder, folder_name, image_class, image_path, image_seed, is_complete_png
 from util.eval_metrics import EVAL_METRICS
 from util.execution import parameter_digest
-from util.images import to_uint8
+from util.images import image_grid, to_uint8
 from util.io import append_json_record, remove_stale_temp_files, save_png
 from util.logger import MetricLogger, SmoothedValue
 from util.lr_sched import adjust_learning_rate
@@ -230,6 +231,38 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
         append_json_record(os.path.join(args.output_dir, "metrics.json"), record)
     dist.barrier()
     return record
+
+
+# ---------------------------------------------------------------------------------------------- previews
+PREVIEW_SAMPLER = "euler"  # deterministic and cheap: a preview shows progress, not paper numbers
+
+
+def preview_classes(args) -> list:
+    """`--preview_classes` spread evenly over the class range (always the same ones during a run)."""
+    count = min(args.preview_classes, args.class_num)
+    return [round(i * (args.class_num - 1) / max(count - 1, 1)) for i in range(count)]
+
+
+@torch.no_grad()
+def preview(net, tokenizer, args, epoch, device, context, writer) -> str:
+    """A fixed-seed grid from `net` (the EMA weights): one row per preview class, `--preview_per_class` columns,
+    `--preview_steps` Euler steps. Rank 0 writes `<output_dir>/previews/epoch<E>.png` and a tensorboard image."""
+    path = os.path.join(args.output_dir, "previews", f"epoch{epoch:04d}.png")
+    if not dist.is_main_process():
+        return path
+    was_training = net.training
+    net.eval()
+    labels = torch.tensor([c for c in preview_classes(args) for _ in range(args.preview_per_class)], device=device)
+    noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in range(len(labels)))
+    with context():
+        latents = net.samples(labels, args.preview_steps, cfg=args.cfg, sampler=PREVIEW_SAMPLER, generator=noise)
+        images = decode_from_latents(tokenizer, latents)  # [B, 3, H, W]
+    net.train(was_training)
+    grid = image_grid(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), args.preview_per_class, scale=1)
+    pixels = np.asarray(grid)  # [H', W', 3]
+    save_png(path, pixels)
+    writer.add_image("preview", pixels, epoch)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- caching

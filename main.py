@@ -43,9 +43,10 @@ def build_model(args):
 
 
 def build_run_tokenizer(args, device):
-    """The tokenizer; training on cached latents needs no weights (only the posterior and the latent scale)."""
-    weightless = (args.use_cached and TOKENIZERS[args.tokenizer].needs_weights
-                  and not (args.evaluate or args.online_eval))
+    """The tokenizer; training on cached latents needs no weights (only the posterior and the latent scale), and
+    then loads them only for evaluations, or for previews when the weights file is there."""
+    wanted = args.evaluate or args.online_eval or (args.preview_freq and os.path.isfile(args.vae_path))
+    weightless = args.use_cached and TOKENIZERS[args.tokenizer].needs_weights and not wanted
     tokenizer = build_tokenizer(args.tokenizer, vae_path=args.vae_path, vae_embed_dim=args.vae_embed_dim,
                                 vae_stride=args.vae_stride, with_weights=not weightless)
     return tokenizer if weightless else tokenizer.to(device)
@@ -105,7 +106,7 @@ def start_training_run(args, logger, start_epoch):
 
 
 def train(args, model, ema, tokenizer, device, context, logger):
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
     scaler = build_grad_scaler(args.precision == "fp16" or (args.precision == "auto" and device.type == "cuda"),
                                device.type)
     restored = run_state.restore(args, model, ema, optimizer, scaler, logger)
@@ -122,6 +123,7 @@ def train(args, model, ema, tokenizer, device, context, logger):
     execution = wrap_model(model, device)
     writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(),
                                purge_step=int((restored.start_epoch + restored.start_step / steps) * 1000))
+    can_preview = args.preview_freq and not any(p.is_meta for p in tokenizer.parameters())
     checkpoints = run_state.Checkpointer(args, execution, ema, optimizer, scaler, steps, logger)
     logger.info(f"training epochs {restored.start_epoch}..{args.epochs - 1}" if restored.start_epoch < args.epochs
                 else f"nothing to train: the run already finished epoch {args.epochs - 1}")
@@ -138,6 +140,8 @@ def train(args, model, ema, tokenizer, device, context, logger):
             last_epoch = epoch + 1 == args.epochs
             if epoch % args.save_last_freq == 0 or last_epoch:
                 checkpoints.save(run_state.LAST, epoch, steps)
+            if can_preview and (epoch % args.preview_freq == 0 or last_epoch):
+                logger.info(f"preview: {engine.preview(ema.module, tokenizer, args, epoch, device, context, writer)}")
             if args.online_eval and (epoch % args.eval_freq == 0 or last_epoch):
                 evaluate_online(model, ema, tokenizer, args, epoch, device, context, writer, logger)
             if epoch > 0 and (epoch % args.eval_freq == 0 or last_epoch):
@@ -153,6 +157,8 @@ def train(args, model, ema, tokenizer, device, context, logger):
 def main(args):
     info = dist.init_distributed(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     device = info.device
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     os.makedirs(args.output_dir, exist_ok=True)
     logger = create_logger(args.output_dir)
     logger.info("command: " + " ".join(sys.argv))

@@ -170,6 +170,11 @@ class TensorboardWriter:
         if self._writer is not None:
             self._writer.add_scalar(tag, value, step)
 
+    def add_image(self, tag: str, image, step: int) -> None:
+        """Record a uint8 ``[H, W, 3]`` image under ``tag`` at x = ``step``."""
+        if self._writer is not None:
+            self._writer.add_image(tag, image, step, dataformats="HWC")
+
     def flush(self) -> None:
         """Write pending events to disk."""
         if self._writer is not None:

@@ -134,6 +134,9 @@ def get_args_parser():
     group.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and EMA stay float32)")
     group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="auto: fp16 autocast + grad scaler on CUDA, fp32 on CPU; --bf16 means bf16")
+    group.add_argument("--tf32", action="store_true",
+                       help="TF32 matmuls on CUDA (Ampere and newer): faster float32, about 1e-3 relative error.\n"
+                            "Off by default: float32 stays float32, as in the original")
     group.add_argument("--only_train_diff", action="store_true", help="freeze everything but the diffusion decoder")
     group.add_argument("--seed", default=1, type=int, help="training seed (+rank); base of the per-image seeds")
 
@@ -169,6 +172,14 @@ def get_args_parser():
     group.add_argument("--digits_judge", default=None, help="digits: the judge classifier file (quickstart.py)")
     group.add_argument("--require_metrics", action="store_true", help="fail if a metric cannot be computed")
     group.add_argument("--save_npz", action="store_true", help="also write an ADM-style .npz of the samples")
+
+    group = parser.add_argument_group("previews while training",
+                                      "a fixed-seed grid from the EMA weights: <output_dir>/previews/epoch<E>.png "
+                                      "and tensorboard")
+    group.add_argument("--preview_freq", default=10, type=int, help="epochs between previews, and the last (0: off)")
+    group.add_argument("--preview_classes", default=8, type=int, help="rows: classes spread over the class range")
+    group.add_argument("--preview_per_class", default=4, type=int, help="columns")
+    group.add_argument("--preview_steps", default=25, type=int, help="Euler steps per image")
 
     group = parser.add_argument_group("checkpoints and logging")
     group.add_argument("--output_dir", default="./output_dir")
@@ -226,6 +237,9 @@ def resolve_args(args):
     if args.evaluate and args.num_images % args.class_num:
         raise SettingsError(f"--num_images {args.num_images} must be a multiple of --class_num {args.class_num} "
                             "(the same number of images per class)")
+    if args.preview_freq < 0 or min(args.preview_classes, args.preview_per_class, args.preview_steps) < 1:
+        raise SettingsError("--preview_freq must be >= 0; --preview_classes, --preview_per_class and "
+                            "--preview_steps >= 1")
     if args.save_every_steps < 0 or args.save_every_minutes < 0 or args.save_last_freq < 1:
         raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
