@@ -1,9 +1,9 @@
 """Previews while training: a fixed-seed grid per --preview_freq epochs, as a PNG and a tensorboard image."""
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_pipeline import write_image_folder
 
 import main
-from test_pipeline import write_image_folder
 
 TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
         "--buffer_size 4 --device cpu --num_workers 0 --batch_size 8 --blr 1e-3").split()
