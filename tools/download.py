@@ -61,6 +61,7 @@ from models.transdiff import TRANSDIFF_MODELS
 from models.vae import AutoencoderKL
 from util.checkpoint import load_checkpoint, select_weights
 from util.datasets import MRAR_GROUP_SIZE
+from util.io import fsync_directory
 from util.metrics import DEFAULT_FID_STATS, load_reference_statistics
 from util.presets import SAMPLING_PRESETS
 
@@ -359,17 +360,6 @@ def download(name: str, entry: RemoteFile, target: Path, base_url: str | None = 
             time.sleep(wait)
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist a rename (POSIX only)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def get(name: str, dest: Path, base_url: str | None = None, retries: int = RETRIES, quiet: bool = False) -> Path:
     """Make ``dest/<local>`` of ``REGISTRY[name]`` present and verified; return its path.
 
@@ -399,7 +389,7 @@ def get(name: str, dest: Path, base_url: str | None = None, retries: int = RETRI
         raise VerificationError(f"{error}\n{name}: refused the download of {entry.url(base_url)}; deleted {part}, "
                                 f"{target} was not written") from error
     os.replace(part, target)  # atomic: the target appears complete and verified, or not at all
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
     print(f"{name}: {target} downloaded and verified ({summary})")
     return target
 

@@ -48,7 +48,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], dur
             raise OSError(cause.errno, cause.strerror, path) from error
         raise
     if durable:
-        _fsync_directory(directory)
+        fsync_directory(directory)
 
 
 def _umask() -> int:
@@ -57,7 +57,7 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_directory(directory: str) -> None:
+def fsync_directory(directory: str | os.PathLike) -> None:
     """Persist a rename (POSIX); directories cannot be opened on Windows."""
     if os.name != "posix":
         return
