@@ -48,7 +48,8 @@ def temp_files(folder):
     return [p.name for p in Path(folder).rglob(".*.tmp")]
 
 
-@pytest.mark.parametrize("nproc,accumulation", [(1, 2), (2, 1)], ids=["1rank_accum2", "2ranks"])
+@pytest.mark.parametrize("nproc,accumulation", [(1, 2), (2, 1), (2, 2)],
+                         ids=["1rank_accum2", "2ranks", "2ranks_accum2"])
 def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, data, nproc, accumulation):
     args = [*FAST, "--data_path", data, "--epochs", 3, "--gradient_accumulation_steps", accumulation,
             "--save_every_steps", 2]

@@ -134,8 +134,9 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
     except KeyError as error:
         raise UnreadableImage(f"cache file {path} lacks {error}; expected keys "
                            f"{MOMENTS_KEY!r} and {MOMENTS_FLIP_KEY!r}") from error
-    except (OSError, ValueError) as error:
-        raise UnreadableImage(f"cannot read cache file {path}: {error}") from error
+    except (OSError, ValueError, EOFError) as error:
+        raise UnreadableImage(f"cannot read cache file {path}: it is truncated, foreign bytes or holds pickled "
+                              "objects (never loaded); delete it and rerun main_cache.py") from error
 
 
 class CachedLatentFolder(DatasetFolder):
