@@ -4,21 +4,41 @@ A metric is built from the run's settings (`EVAL_METRICS[name](args)`), checks t
 image is generated (`check`, which raises `MissingMetricFile` naming an absent file), and scores a finished
 folder (`compute(folder, device) -> {key: value}`); its keys go into the evaluation record (`metrics.json`),
 and its float values to tensorboard. `--metrics` takes names of this registry.
+
+The metrics that read Inception features of the generated folder (`fid_is`, `kid`) share one Inception pass
+over it (`InceptionPass`). Precision/recall (`prc`) is a metric of its own because torch-fidelity computes it
+on another network, VGG16, whose 528 MB weights file (`--prc_weights`) only that metric needs.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Dict, Protocol
+import os
+import weakref
+from typing import Any, Callable, Dict, Protocol, Sequence
 
 import torch
+from torch_fidelity.utils import glob_samples_paths
 
 from util.metrics import (
+    FEATURE_KID,
+    FEATURE_PRC,
+    IMAGE_EXTENSIONS,
+    INCEPTION_FEATURES,
     MissingMetricFile,
-    compute_fid_is,
     default_fid_stats_path,
+    features_from_batches,
+    image_batches,
+    image_folder_dataset,
+    inception_features,
+    kernel_inception_distance,
     load_inception,
     load_reference_statistics,
+    load_vgg16,
+    metrics_from_features,
+    precision_recall,
+    reference_images,
     resolve_inception_weights,
+    resolve_vgg16_weights,
 )
 
 
@@ -32,15 +52,67 @@ class EvalMetric(Protocol):
         """Score the generated images `{index:05d}.png` in `folder`."""
 
 
+def _folder_fingerprint(folder: str) -> tuple:
+    """(path, size, mtime) of each image directly in `folder`: features of an unchanged folder can be reused."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    files = glob_samples_paths(folder, False, IMAGE_EXTENSIONS, verbose=False)
+    return tuple((path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files)
+
+
+class InceptionPass:
+    """One Inception pass over a generated folder, shared by every metric that reads its features.
+
+    A metric `register`s the feature names it reads once its `check` has passed. The first `features` call for
+    a folder extracts the union of the names registered for the same weights file; later calls for the folder
+    (its images unchanged) are served from memory. Only one folder is kept, and only until every registered
+    metric still alive has read it ([50000, 3056] float32, 0.6 GB, for FID/IS/KID of 50k images).
+    """
+
+    def __init__(self):
+        self._wanted: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # metric -> (weights, names)
+        self._key: tuple | None = None  # (folder, weights path, folder fingerprint)
+        self._features: Dict[str, torch.Tensor] = {}
+        self._unread: weakref.WeakSet = weakref.WeakSet()
+
+    def register(self, metric: object, weights_path: str, names: Sequence[str]) -> None:
+        self._wanted[metric] = (weights_path, tuple(names))
+
+    def features(self, metric: object, folder: str, device: torch.device) -> Dict[str, torch.Tensor]:
+        """Features `{name: [N, dim]}` (float32, CPU) of `folder` that `metric` registered."""
+        weights_path, names = self._wanted[metric]
+        key = (os.path.realpath(folder), weights_path, _folder_fingerprint(folder))
+        if key != self._key or not set(names) <= self._features.keys():
+            sharing = [other for other, (weights, _) in self._wanted.items() if weights == weights_path]
+            union = sorted({name for other in sharing for name in self._wanted[other][1]})
+            self.clear()
+            self._features = inception_features(folder, device, weights_path=weights_path, features=union)
+            self._key, self._unread = key, weakref.WeakSet(sharing)
+        wanted = {name: self._features[name] for name in names}
+        self._unread.discard(metric)
+        if not self._unread:
+            self.clear()
+        return wanted
+
+    def clear(self) -> None:
+        self._key, self._features, self._unread = None, {}, weakref.WeakSet()
+
+
+SHARED_INCEPTION = InceptionPass()  # the pass of every metric built from EVAL_METRICS
+
+
 class FidInceptionScore:
     """FID against reference statistics and the Inception Score, on stock torch-fidelity (`util.metrics`)."""
 
     name = "fid_is"
 
-    def __init__(self, stats_path: str | None, weights_path: str | None, img_size: int):
+    def __init__(self, stats_path: str | None, weights_path: str | None, img_size: int,
+                 inception: InceptionPass = SHARED_INCEPTION):
         self.stats_path = stats_path or default_fid_stats_path(img_size)
         self.weights_path = weights_path
         self.img_size = img_size
+        self.inception = inception
+        self._reference = None  # {"mu", "sigma"}, read by check
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FidInceptionScore:
@@ -50,12 +122,100 @@ class FidInceptionScore:
         if self.stats_path is None:
             raise MissingMetricFile("FID reference statistics", f"<none for --img_size {self.img_size}>",
                                     "pass --fid_stats (tools/make_fid_stats.py builds one from an image folder)")
-        load_reference_statistics(self.stats_path)
+        self._reference = load_reference_statistics(self.stats_path)
         self.weights_path = resolve_inception_weights(self.weights_path)
         load_inception("cpu", self.weights_path)  # a wrong file fails now, not after hours of generation
+        self.inception.register(self, self.weights_path, INCEPTION_FEATURES)
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
-        return compute_fid_is(folder, self.stats_path, device, weights_path=self.weights_path)
+        """`fid`, `inception_score`, `inception_score_std` and `num_images`, as `util.metrics.compute_fid_is`."""
+        if self._reference is None:
+            self.check()
+        return metrics_from_features(self.inception.features(self, folder, device), self._reference)
+
+
+class KernelInceptionDistance:
+    """KID against the real images `--ref_images`, on the Inception `2048` features FID uses (one shared pass).
+
+    Args:
+        ref_images: a folder of real images (searched recursively) or an ADM reference batch `.npz` (`arr_0`).
+        weights_path: Inception weights file (`--inception_weights`); None uses torch-hub's cache.
+        img_size: a folder's images are center-cropped to this size (ADM's crop; `--img_size`).
+    """
+
+    name = "kid"
+
+    def __init__(self, ref_images: str | None, weights_path: str | None, img_size: int,
+                 inception: InceptionPass = SHARED_INCEPTION):
+        self.ref_images = ref_images
+        self.weights_path = weights_path
+        self.img_size = img_size
+        self.inception = inception
+        self._checked = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> KernelInceptionDistance:
+        return cls(args.ref_images, args.inception_weights, args.img_size)
+
+    def check(self) -> None:
+        reference_images(self.ref_images, resize=self.img_size)
+        self.weights_path = resolve_inception_weights(self.weights_path)
+        load_inception("cpu", self.weights_path, (FEATURE_KID,))
+        self.inception.register(self, self.weights_path, (FEATURE_KID,))
+        self._checked = True
+
+    def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
+        """`kid`, `kid_std` (over torch-fidelity's 100 subsets) and `kid_subset_size` (min(1000, N, M))."""
+        if not self._checked:
+            self.check()
+        generated = self.inception.features(self, folder, device)[FEATURE_KID]  # [N, 2048]
+        batches, count = reference_images(self.ref_images, device, resize=self.img_size)
+        extractor = load_inception(device, self.weights_path, (FEATURE_KID,))
+        reference = features_from_batches(extractor, batches, total=count)[FEATURE_KID]  # [M, 2048]
+        return kernel_inception_distance(generated, reference)
+
+
+class PrecisionRecall:
+    """Improved precision and recall against `--ref_images`, on torch-fidelity's default network for them: VGG16.
+
+    Keys are `prc_precision`/`prc_recall`: the evaluation record's `precision` is the autocast precision.
+
+    Args:
+        ref_images: a folder of real images (searched recursively) or an ADM reference batch `.npz` (`arr_0`).
+        weights_path: torchvision's VGG16 weights file (`--prc_weights`); None uses torch-hub's cache.
+        img_size: a folder's images are center-cropped to this size (ADM's crop; `--img_size`).
+    """
+
+    name = "prc"
+
+    def __init__(self, ref_images: str | None, weights_path: str | None, img_size: int):
+        self.ref_images = ref_images
+        self.weights_path = weights_path
+        self.img_size = img_size
+        self._checked = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> PrecisionRecall:
+        return cls(args.ref_images, args.prc_weights, args.img_size)
+
+    def check(self) -> None:
+        reference_images(self.ref_images, resize=self.img_size)
+        self.weights_path = resolve_vgg16_weights(self.weights_path)
+        load_vgg16("cpu", self.weights_path)
+        self._checked = True
+
+    def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
+        """`prc_precision` and `prc_recall` (torch-fidelity's 3-nearest-neighbour balls on VGG16 `fc2_relu`)."""
+        if not self._checked:
+            self.check()
+        extractor = load_vgg16(device, self.weights_path)
+        dataset = image_folder_dataset(folder)
+        generated = features_from_batches(extractor, image_batches(dataset, device), total=len(dataset))
+        batches, count = reference_images(self.ref_images, device, resize=self.img_size)
+        reference = features_from_batches(extractor, batches, total=count)
+        # Pairwise distances on the device: [N, M] blocks are the cost at 50k images.
+        precision, recall = precision_recall(generated[FEATURE_PRC].to(device), reference[FEATURE_PRC].to(device))
+        return {"prc_precision": precision, "prc_recall": recall}
 
 
 def _digits_judge(args: argparse.Namespace) -> EvalMetric:
@@ -66,6 +226,8 @@ def _digits_judge(args: argparse.Namespace) -> EvalMetric:
 
 EVAL_METRICS: Dict[str, Callable[[argparse.Namespace], EvalMetric]] = {
     "fid_is": FidInceptionScore.from_args,
+    "kid": KernelInceptionDistance.from_args,  # needs --ref_images; shares fid_is's Inception pass
+    "prc": PrecisionRecall.from_args,  # needs --ref_images and VGG16 weights (--prc_weights)
     "digits": _digits_judge,  # class-consistency, Frechet distance and spread under a digits classifier
 }
 DEFAULT_METRICS = ("fid_is",)

@@ -168,7 +168,11 @@ def get_args_parser():
     group.add_argument("--fid_stats", default=None,
                        help="reference statistics .npz (default fid_stats/adm_in256_stats.npz or VIRTUAL_imagenet512)")
     group.add_argument("--inception_weights", default=None, help="local torch-fidelity Inception weights file")
-    group.add_argument("--ref_images", default=None, help="folder of real images (digits: an ImageFolder split)")
+    group.add_argument("--ref_images", default=None,
+                       help="real images for kid/prc (a folder, searched recursively, or an ADM .npz with arr_0)\n"
+                            "and digits (an ImageFolder split)")
+    group.add_argument("--prc_weights", default=None,
+                       help="local torchvision VGG16 weights file (vgg16-397923af.pth) for --metrics prc")
     group.add_argument("--digits_judge", default=None, help="digits: the judge classifier file (quickstart.py)")
     group.add_argument("--require_metrics", action="store_true", help="fail if a metric cannot be computed")
     group.add_argument("--save_npz", action="store_true", help="also write an ADM-style .npz of the samples")
