@@ -44,9 +44,9 @@ def get_args_parser():
     return parser
 
 
-def uncached(dataset, cached_path, image_root):
-    """Indices of the dataset's images without a cache file."""
-    return [i for i, (path, _) in enumerate(dataset.samples)
+def uncached(samples, cached_path, image_root):
+    """Indices of the (path, label) samples without a cache file."""
+    return [i for i, (path, _) in enumerate(samples)
             if not os.path.exists(cached_latent_path(cached_path, image_root, path))]
 
 
@@ -74,10 +74,11 @@ def main(args):
     todo = None
     if dist.is_main_process():
         prepare_cache_folder(args.cached_path, dataset, logger)
-        todo = uncached(dataset, args.cached_path, image_root)
+        todo = uncached(dataset.samples, args.cached_path, image_root)
         logger.info(f"{len(todo)} of {len(dataset.samples)} images to cache")
     todo = dist.broadcast_object(todo)  # decided once, before any rank writes
-    dataset.samples = [dataset.samples[i] for i in todo]
+    listed = dataset.samples  # the whole image folder, scanned once
+    dataset.samples = [listed[i] for i in todo]
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
                                                   shuffle=False)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
@@ -88,12 +89,11 @@ def main(args):
     dist.barrier()
     try:
         if dist.is_main_process():
-            full = ImageFolderWithChecks(image_root, skip_corrupt=args.skip_corrupt)
-            missing = uncached(full, args.cached_path, image_root)
+            missing = uncached(listed, args.cached_path, image_root)
             if missing:
-                raise RunError(f"{len(missing)} of {len(full.samples)} images of {image_root} have no cache file "
-                               f"in {args.cached_path}, e.g. {full.samples[missing[0]][0]}; rerun main_cache.py")
-            logger.info(f"{args.cached_path} holds all {len(full.samples)} images of {image_root}")
+                raise RunError(f"{len(missing)} of {len(listed)} images of {image_root} have no cache file "
+                               f"in {args.cached_path}, e.g. {listed[missing[0]][0]}; rerun main_cache.py")
+            logger.info(f"{args.cached_path} holds all {len(listed)} images of {image_root}")
     finally:
         dist.cleanup()
 

@@ -7,6 +7,7 @@ adaptation, the explanation of a mismatch) is `util.checkpoint`'s.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -114,6 +115,7 @@ class Restored(NamedTuple):
     start_step: int = 0  # batches of start_epoch already trained (a mid-epoch checkpoint)
 
 
+@functools.cache
 def _model_for_width() -> dict[int, str]:
     """Registry width -> the first model name of that width (for the mismatch explanation)."""
     widths = {}
