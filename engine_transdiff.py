@@ -31,10 +31,16 @@ class NonFiniteLoss(RunError):
     """Training stopped because the loss was NaN or infinite (no checkpoint is written after it)."""
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`--precision` on `device`: "auto" is fp16 on CUDA and fp32 elsewhere."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def precision_context(precision: str, device: torch.device):
     """A factory of autocast contexts: fp16 (CUDA default), bf16, or none (fp32, the CPU default)."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
@@ -198,16 +204,22 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
         if removed:
             logger.info(f"removed {removed} temporary file(s) of an interrupted evaluation in {folder}")
     dist.barrier()
-    logger.info(f"evaluating into {folder}")
+    settings = {"epoch": epoch_label, "checkpoint": source, "ema": use_ema,
+                "weights_digest": identity["weights_digest"], "sampler": args.sampler,
+                "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
+                "cfg_interval": args.cfg_interval, "scale_0": args.scale_0, "scale_1": args.scale_1,
+                "precision": resolve_precision(args.precision, device), "seed": args.seed, "num_images": args.num_images,
+                "images_per_class": args.num_images // args.class_num}
+    for metric in metrics:
+        settings.update(metric.sources())
+    logger.info(f"evaluating into {folder}; settings that move the scores: "
+                + ", ".join(f"{key} {value}" for key, value in settings.items()))
     started = time.time()
     generate_images(net, tokenizer, folder, args, cfg, device, context, logger)
     net.train(was_training)
     dist.barrier()
 
-    record = {"epoch": epoch_label, "cfg": cfg, "cfg_interval": args.cfg_interval, "scale_0": args.scale_0,
-              "scale_1": args.scale_1, "precision": args.precision, "weights_digest": identity["weights_digest"],
-              "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "ema": use_ema,
-              "num_images": args.num_images, "folder": folder, "generation_minutes": (time.time() - started) / 60}
+    record = {**settings, "folder": folder, "generation_minutes": (time.time() - started) / 60}
     if dist.is_main_process():
         if args.save_npz:
             record["npz"] = folder + ".npz"

@@ -14,6 +14,7 @@ import torch
 
 from digits.judge import load_digits_classifier
 from digits.scores import score_samples
+from util.eval_metrics import file_source
 from util.images import read_generated_images, read_image_folder
 from util.metrics import MissingMetricFile
 
@@ -68,6 +69,10 @@ class DigitsJudge:
             raise MissingMetricFile("ImageFolder of real digits", self.ref_images,
                                     f"{error}. {_HOW_TO_GET_REFERENCE}") from error
         self._judge, self._reference = judge, reference
+
+    def sources(self) -> Dict[str, str]:
+        """The judge file (with its sha256) and the real digits it compares against."""
+        return {**file_source("digits_judge", self.judge_path), "ref_images": os.path.abspath(self.ref_images)}
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
         """Headline scores (``HEADLINE_SCORES``) of the ``num_images`` samples in ``folder``."""

@@ -1,10 +1,12 @@
-"""Common pytest fixtures: the golden-tensor folder, a small VAE state_dict and a single-threaded torch."""
+"""Common pytest fixtures: the golden-tensor folder, a small VAE state_dict, stand-in Inception and VGG16 weights
+and a single-threaded torch."""
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -55,3 +57,28 @@ def inception_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
     torch.save(state_dict, path)
     return path
+
+
+class TinyVGG(nn.Module):
+    """torchvision's VGG layout (features, avgpool, 7-layer classifier) at toy width: fc2_relu has 32 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(4)
+        self.classifier = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 32), nn.ReLU(),
+                                        nn.Dropout(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))  # [B, 10]
+
+
+@pytest.fixture
+def tiny_vgg_weights(tmp_path, monkeypatch):
+    """A TinyVGG weights file; torchvision.models.vgg16 builds TinyVGG for torch-fidelity's vgg16 extractor."""
+    monkeypatch.setattr("torchvision.models.vgg16", lambda *args, **kwargs: TinyVGG())
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        state_dict = TinyVGG().state_dict()
+    torch.save(state_dict, tmp_path / "vgg16-tiny.pth")
+    return tmp_path / "vgg16-tiny.pth"

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch_fidelity
 from PIL import Image
-from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
 from torch_fidelity.metric_prc import prc_features_to_metric
@@ -229,31 +228,6 @@ def test_kernel_inception_distance_needs_two_images():
 
 
 # ------------------------------------------------------------------------------------------ precision/recall
-
-
-class TinyVGG(nn.Module):
-    """torchvision's VGG layout (features, avgpool, 7-layer classifier) at toy width: fc2_relu has 32 features."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 8, stride=8), nn.ReLU())
-        self.avgpool = nn.AdaptiveAvgPool2d(4)
-        self.classifier = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 32), nn.ReLU(),
-                                        nn.Dropout(), nn.Linear(32, 10))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))  # [B, 10]
-
-
-@pytest.fixture
-def tiny_vgg_weights(tmp_path, monkeypatch):
-    """A TinyVGG weights file; torchvision.models.vgg16 builds TinyVGG for torch-fidelity's vgg16 extractor."""
-    monkeypatch.setattr("torchvision.models.vgg16", lambda *args, **kwargs: TinyVGG())
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        state_dict = TinyVGG().state_dict()
-    torch.save(state_dict, tmp_path / "vgg16-tiny.pth")
-    return tmp_path / "vgg16-tiny.pth"
 
 
 def test_precision_recall_matches_torch_fidelity(images, tiny_vgg_weights):

@@ -10,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch_fidelity
 from PIL import Image
 
+from models.samplers import DEFAULT_SAMPLER
 from util.checkpoint import load_checkpoint
+from util.io import file_sha256
 from util.metrics import save_reference_statistics, statistics_from_folder
 
 pytestmark = pytest.mark.e2e
@@ -160,15 +163,21 @@ def test_killed_evaluation_resumes_without_duplicates(tmp_path, trained):
     assert not list(eval_folder(killed).glob(".*"))
 
 
-def test_fid_and_inception_score_end_to_end(tmp_path, trained, data, inception_weights):
-    stats = tmp_path / "stats.npz"
+def write_reference(tmp_path, data, inception_weights):
+    """The training images resized to 16 px as a reference folder, and their Inception statistics file."""
     reference = tmp_path / "reference_images"
     reference.mkdir()
     for i, path in enumerate(sorted((data / "train").glob("*/*.png"))):
         Image.open(path).convert("RGB").resize((16, 16)).save(reference / f"{i:05d}.png")
     statistics = statistics_from_folder(reference, "cpu", batch_size=8, weights_path=inception_weights,
                                         num_workers=0)
+    stats = tmp_path / "stats.npz"
     save_reference_statistics(stats, statistics["mu"], statistics["sigma"])
+    return reference, stats
+
+
+def test_fid_and_inception_score_end_to_end(tmp_path, trained, data, inception_weights):
+    _, stats = write_reference(tmp_path, data, inception_weights)
     out = tmp_path / "eval"
     run([*TINY, "--resume", trained, "--output_dir", out, *EVAL, "--fid_stats", stats,
          "--inception_weights", inception_weights, "--require_metrics", "--save_npz"])
@@ -176,6 +185,35 @@ def test_fid_and_inception_score_end_to_end(tmp_path, trained, data, inception_w
     assert np.isfinite(record["fid"]) and record["fid"] > 0
     assert record["inception_score"] >= 1.0 and record["num_images"] == 24
     assert np.load(record["npz"])["arr_0"].shape == (24, 16, 16, 3)
+
+
+def test_every_metric_and_every_setting_that_moves_it_in_the_record(tmp_path, trained, data, inception_weights,
+                                                                    tiny_vgg_weights):
+    """FID, IS, KID and precision/recall from one `main.py --evaluate` (in process: VGG16 is the conftest stand-in),
+    with the weights, sampling settings, reference files (sha256) and torch-fidelity version in record and log."""
+    import main as transdiff_main
+
+    reference, stats = write_reference(tmp_path, data, inception_weights)
+    out = tmp_path / "eval"
+    transdiff_main.cli([*TINY, "--resume", str(trained), "--output_dir", str(out), *EVAL,
+                        "--cfg_interval", "0.1,0.9", "--metrics", "fid_is,kid,prc", "--fid_stats", str(stats),
+                        "--ref_images", str(reference), "--inception_weights", str(inception_weights),
+                        "--prc_weights", str(tiny_vgg_weights), "--require_metrics"])
+    record = json.loads((out / "metrics.json").read_text())[-1]
+    for key in ("fid", "inception_score", "kid", "prc_precision", "prc_recall"):
+        assert np.isfinite(record[key]), key
+    assert 0.0 <= record["prc_precision"] <= 1.0 and 0.0 <= record["prc_recall"] <= 1.0
+    settings = {"ema": True, "sampler": DEFAULT_SAMPLER, "num_sampling_steps": 4, "cfg": 1.5, "cfg_interval": [0.1, 0.9],
+                "scale_0": 1.0, "scale_1": 1.0, "precision": "fp32", "num_images": 24, "images_per_class": 8,
+                "checkpoint": str(trained / "checkpoint-last.pth"),
+                "fid_stats": str(stats), "fid_stats_sha256": file_sha256(stats), "ref_images": str(reference),
+                "inception_weights_sha256": file_sha256(inception_weights),
+                "prc_weights_sha256": file_sha256(tiny_vgg_weights),
+                "torch_fidelity_version": torch_fidelity.__version__}
+    assert {key: record.get(key) for key in settings} == settings
+    log = (out / "log.txt").read_text()
+    for key in ("fid_stats_sha256", "torch_fidelity_version", "images_per_class", "precision", "sampler"):
+        assert f"{key} {record[key]}" in log, key
 
 
 def test_missing_metric_files_keep_images_or_fail_when_required(tmp_path, trained):

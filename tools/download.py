@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import http.client
 import json
 import math
@@ -61,7 +60,7 @@ from models.transdiff import TRANSDIFF_MODELS
 from models.vae import AutoencoderKL
 from util.checkpoint import load_checkpoint, select_weights
 from util.datasets import MRAR_GROUP_SIZE
-from util.io import fsync_directory
+from util.io import file_sha256, fsync_directory
 from util.metrics import DEFAULT_FID_STATS, load_reference_statistics
 from util.presets import SAMPLING_PRESETS
 
@@ -229,15 +228,6 @@ VERIFIERS: dict[str, Callable[[Path, RemoteFile], str]] = {
 }
 
 
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify(name: str, entry: RemoteFile, path: Path) -> str:
     """Check ``path`` against ``entry`` (sha256 if recorded, then the kind's loader); return a one-line summary.
 
@@ -245,7 +235,7 @@ def verify(name: str, entry: RemoteFile, path: Path) -> str:
         VerificationError: naming ``name`` and ``path``, with the loader's reason.
     """
     if entry.sha256 is not None:
-        found = sha256_of(path)
+        found = file_sha256(path)
         if found != entry.sha256.lower():
             raise VerificationError(f"{name}: {path} has sha256 {found}, expected {entry.sha256}")
     try:

@@ -3,7 +3,9 @@
 A metric is built from the run's settings (`EVAL_METRICS[name](args)`), checks the files it needs before any
 image is generated (`check`, which raises `MissingMetricFile` naming an absent file), and scores a finished
 folder (`compute(folder, device) -> {key: value}`); its keys go into the evaluation record (`metrics.json`),
-and its float values to tensorboard. `--metrics` takes names of this registry.
+and its float values to tensorboard. After `check`, `sources()` names what the scores depend on besides the
+images (reference files with their sha256, the torch-fidelity version), so that two records can be compared by
+reading them. `--metrics` takes names of this registry.
 
 The metrics that read Inception features of the generated folder (`fid_is`, `kid`) share one Inception pass
 over it (`InceptionPass`). Precision/recall (`prc`) is a metric of its own because torch-fidelity computes it
@@ -17,8 +19,10 @@ import weakref
 from typing import Any, Callable, Dict, Protocol, Sequence
 
 import torch
+import torch_fidelity
 from torch_fidelity.utils import glob_samples_paths
 
+from util.io import file_sha256
 from util.metrics import (
     FEATURE_KID,
     FEATURE_PRC,
@@ -50,6 +54,22 @@ class EvalMetric(Protocol):
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
         """Score the generated images `{index:05d}.png` in `folder`."""
+
+    def sources(self) -> Dict[str, str]:
+        """What the scores depend on besides the images: files (with sha256) and library versions."""
+
+
+def file_source(key: str, path: str | None) -> Dict[str, str]:
+    """`{key: path, key_sha256: digest}` for a file; a folder (or None) is named without a digest."""
+    if path is None or not os.path.isfile(path):
+        return {key: path}
+    return {key: os.path.abspath(path), f"{key}_sha256": file_sha256(path)}
+
+
+def fidelity_sources(weights_key: str, weights_path: str, ref_key: str, ref_path: str | None) -> Dict[str, str]:
+    """The sources of a torch-fidelity metric: its network's weights, its reference and the library version."""
+    return {**file_source(ref_key, ref_path), **file_source(weights_key, weights_path),
+            "torch_fidelity_version": torch_fidelity.__version__}
 
 
 def _folder_fingerprint(folder: str) -> tuple:
@@ -113,6 +133,7 @@ class FidInceptionScore:
         self.img_size = img_size
         self.inception = inception
         self._reference = None  # {"mu", "sigma"}, read by check
+        self._sources: Dict[str, str] = {}
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FidInceptionScore:
@@ -126,6 +147,10 @@ class FidInceptionScore:
         self.weights_path = resolve_inception_weights(self.weights_path)
         load_inception("cpu", self.weights_path)  # a wrong file fails now, not after hours of generation
         self.inception.register(self, self.weights_path, INCEPTION_FEATURES)
+        self._sources = fidelity_sources("inception_weights", self.weights_path, "fid_stats", self.stats_path)
+
+    def sources(self) -> Dict[str, str]:
+        return self._sources
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
         """`fid`, `inception_score`, `inception_score_std` and `num_images`, as `util.metrics.compute_fid_is`."""
@@ -152,6 +177,7 @@ class KernelInceptionDistance:
         self.img_size = img_size
         self.inception = inception
         self._checked = False
+        self._sources: Dict[str, str] = {}
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> KernelInceptionDistance:
@@ -162,7 +188,11 @@ class KernelInceptionDistance:
         self.weights_path = resolve_inception_weights(self.weights_path)
         load_inception("cpu", self.weights_path, (FEATURE_KID,))
         self.inception.register(self, self.weights_path, (FEATURE_KID,))
+        self._sources = fidelity_sources("inception_weights", self.weights_path, "ref_images", self.ref_images)
         self._checked = True
+
+    def sources(self) -> Dict[str, str]:
+        return self._sources
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
         """`kid`, `kid_std` (over torch-fidelity's 100 subsets) and `kid_subset_size` (min(1000, N, M))."""
@@ -193,6 +223,7 @@ class PrecisionRecall:
         self.weights_path = weights_path
         self.img_size = img_size
         self._checked = False
+        self._sources: Dict[str, str] = {}
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> PrecisionRecall:
@@ -202,7 +233,11 @@ class PrecisionRecall:
         reference_images(self.ref_images, resize=self.img_size)
         self.weights_path = resolve_vgg16_weights(self.weights_path)
         load_vgg16("cpu", self.weights_path)
+        self._sources = fidelity_sources("prc_weights", self.weights_path, "ref_images", self.ref_images)
         self._checked = True
+
+    def sources(self) -> Dict[str, str]:
+        return self._sources
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
         """`prc_precision` and `prc_recall` (torch-fidelity's 3-nearest-neighbour balls on VGG16 `fc2_relu`)."""
