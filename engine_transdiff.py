@@ -74,6 +74,7 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
     accumulation = args.gradient_accumulation_steps
     steps = steps_per_epoch or len(loader)
     optimizer.zero_grad(set_to_none=True)
+    first_step_started = time.time() if execution.compiled and not execution.first_step_done else None
     for step, batch in enumerate(metrics.log_every(loader, PRINT_FREQ, f"Epoch: [{epoch}]"), start=start_step):
         lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
         latents, labels = batch_to_latents(batch, tokenizer, device, args.use_cached)
@@ -99,6 +100,10 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
         epoch_1000x = int((step / steps + epoch) * 1000)
         writer.add_scalar("train_loss", loss_value, epoch_1000x)
         writer.add_scalar("lr", lr, epoch_1000x)
+        if first_step_started is not None:
+            seconds = time.time() - first_step_started
+            logger.info(f"--compile: the first step, compilation included, took {seconds:.1f} s")
+            execution.first_step_done, first_step_started = True, None
         if sync and after_optimizer_step is not None:
             after_optimizer_step(step + 1)
     return {name: meter.global_avg for name, meter in metrics.meters.items()}
@@ -208,8 +213,8 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
                 "weights_digest": identity["weights_digest"], "sampler": args.sampler,
                 "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
                 "cfg_interval": args.cfg_interval, "scale_0": args.scale_0, "scale_1": args.scale_1,
-                "precision": resolve_precision(args.precision, device), "seed": args.seed, "num_images": args.num_images,
-                "images_per_class": args.num_images // args.class_num}
+                "precision": resolve_precision(args.precision, device), "seed": args.seed,
+                "num_images": args.num_images, "images_per_class": args.num_images // args.class_num}
     for metric in metrics:
         settings.update(metric.sources())
     logger.info(f"evaluating into {folder}; settings that move the scores: "

@@ -22,7 +22,7 @@ from util.crops import train_transform
 from util.data_order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
 from util.errors import run_cli
-from util.execution import wrap_model
+from util.execution import compile_blocks, wrap_model
 from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
 from util.logger import TensorboardWriter, create_logger
 from util.optim import EMA, build_grad_scaler, build_optimizer
@@ -120,7 +120,7 @@ def train(args, model, ema, tokenizer, device, context, logger):
                 f"{steps} batches per epoch and process; lr {args.lr:.3g}")
     if dist.is_main_process():
         start_training_run(args, logger, restored.start_epoch)
-    execution = wrap_model(model, device)
+    execution = wrap_model(model, device, compile=args.compile)
     writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(),
                                purge_step=int((restored.start_epoch + restored.start_step / steps) * 1000))
     can_preview = args.preview_freq and not any(p.is_meta for p in tokenizer.parameters())
@@ -174,6 +174,10 @@ def main(args):
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{trainable / 1e6:.2f}M trainable")
     ema = EMA(model)
+    if args.compile:  # sampling runs the EMA weights (the raw ones with --eval_wo_ema); training: wrap_model
+        compile_blocks(ema.module)
+        if args.evaluate:
+            compile_blocks(model)
     context = engine.precision_context(args.precision, device)
     try:
         if args.evaluate:

@@ -1,15 +1,13 @@
 """The shared-work paths give the per-copy / per-image results; the guidance interval, on CPU at tiny widths.
 
-Each reference below is the straightforward path (the original's): the condition repeated to every diffusion
-copy in training, the encoder and the key/value projections run once per image in sampling.
+Each reference is the straightforward path of `models.reference` (the original's): the condition repeated to every
+diffusion copy in training; in sampling the encoder once per image, the key/value projections at every step.
 """
 import pytest
 import torch
 from torch.testing import assert_close
 
-from models.flow import flow_matching_loss
-from models.noise import as_noise_source
-from models.samplers import run_sampler
+from models.reference import per_copy_forward_loss, per_image_samples
 from models.transdiff import transdiff_tiny
 
 TINY = dict(img_size=32, vae_stride=2, vae_embed_dim=4, class_num=5, buffer_size=4, diffusion_batch_mul=3)
@@ -31,39 +29,6 @@ def latents(model, batch, seed=1):
     if model.mrar:
         return [torch.randn(shape, generator=g) for _ in range(model.num_stages)]
     return torch.randn(shape, generator=g)
-
-
-def per_copy_forward_loss(model, z, target, noise=None, timesteps=None, generator=None):
-    """The original's training decoder pass: z repeated to the B·mul rows, then projected per copy."""
-    mul = model.diffusion_batch_mul
-    net = model.diffdecoder.net
-    prepared = net.prepare_condition(z.repeat(mul, 1, 1))  # keys/values [B·mul, H, L, D/H]
-    return flow_matching_loss(lambda x_t, k: net.forward_prepared(x_t, prepared, k), target.repeat(mul, 1, 1),
-                              noise=noise, timesteps=timesteps, generator=generator)
-
-
-def per_image_samples(model, labels, steps, cfg, sampler, noise, generator):
-    """The original's sampling loop: the encoder and the key/value projections once per image and stage."""
-    batch = len(labels)
-    source = as_noise_source(generator)
-    class_embedding = model.class_emb(labels)  # [B, D]
-    tokens = class_embedding.new_zeros(batch, model.seq_len, model.token_embed_dim) if model.mrar else None
-    outputs = []
-    for stage in range(model.num_stages):
-        stage_tokens = None
-        if model.mrar:
-            if stage > 0:
-                start = model.tokens_per_stage * stage
-                tokens[:, start:start + model.tokens_per_stage] = model.patchify(outputs[-1])
-            stage_tokens = tokens[:, :model.tokens_per_stage * (stage + 1)]
-        embedding = class_embedding
-        if cfg != 1.0:
-            embedding = torch.cat([class_embedding, model.unconditional_embedding(batch)])  # [2B, D]
-            stage_tokens = None if stage_tokens is None else torch.cat([stage_tokens, stage_tokens])
-        velocity = model.velocity_function(model.forward_encoder(stage_tokens, embedding), cfg)
-        x = run_sampler(sampler, velocity, noise, steps, source)  # [B, N, C]
-        outputs.append(model.unpatchify(x.float(), patch_size=model.decoder_patch_size))
-    return outputs
 
 
 def count_decoder_rows(model):

@@ -203,7 +203,8 @@ def test_every_metric_and_every_setting_that_moves_it_in_the_record(tmp_path, tr
     for key in ("fid", "inception_score", "kid", "prc_precision", "prc_recall"):
         assert np.isfinite(record[key]), key
     assert 0.0 <= record["prc_precision"] <= 1.0 and 0.0 <= record["prc_recall"] <= 1.0
-    settings = {"ema": True, "sampler": DEFAULT_SAMPLER, "num_sampling_steps": 4, "cfg": 1.5, "cfg_interval": [0.1, 0.9],
+    settings = {"ema": True, "sampler": DEFAULT_SAMPLER, "num_sampling_steps": 4, "cfg": 1.5,
+                "cfg_interval": [0.1, 0.9],
                 "scale_0": 1.0, "scale_1": 1.0, "precision": "fp32", "num_images": 24, "images_per_class": 8,
                 "checkpoint": str(trained / "checkpoint-last.pth"),
                 "fid_stats": str(stats), "fid_stats_sha256": file_sha256(stats), "ref_images": str(reference),

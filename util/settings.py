@@ -110,7 +110,12 @@ def get_args_parser():
                        help="noise/time draws per sample per step (README: 4 pretrain, 2 MRAR, 4 512px)")
     group.add_argument("--diffloss_w", default=None, type=int,
                        help="legacy decoder-width flag of the original README; must equal the model width")
-    group.add_argument("--grad_checkpointing", action="store_true")
+    group.add_argument("--grad_checkpointing", action="store_true",
+                       help="recompute each block's activations in the backward pass: less memory, more compute")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile every encoder and decoder block (inductor, one graph per block) for\n"
+                            "training and sampling; CPU needs a C++ compiler. Off by default. The first steps\n"
+                            "compile (logged); checkpoints are the same as eager ones")
 
     add_tokenizer_args(parser)
     add_data_args(parser)
