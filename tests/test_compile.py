@@ -78,7 +78,8 @@ def test_compiled_model_keeps_its_checkpoint_layout_and_its_ema_copy_is_its_own(
 
 
 def test_main_compile_trains_logs_the_compile_time_and_its_checkpoint_runs_eagerly(tmp_path):
-    from test_pipeline import TINY as TINY_FLAGS, run, write_image_folder
+    from test_pipeline import TINY as TINY_FLAGS
+    from test_pipeline import run, write_image_folder
 
     data = write_image_folder(tmp_path / "data")
     out = tmp_path / "out"
