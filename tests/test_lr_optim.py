@@ -117,6 +117,21 @@ def test_ema_update_math_covers_all_parameters():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
+def test_ema_update_is_bit_identical_to_the_per_parameter_loop():
+    torch.manual_seed(0)
+    model = _Toy()
+    ema = EMA(model)
+    expected = {name: p.detach().clone() for name, p in ema.module.named_parameters()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_()
+    ema.update(model, decay=0.9999)
+    for name, param in model.named_parameters():  # the original's loop
+        expected[name].mul_(0.9999).add_(param.detach(), alpha=1 - 0.9999)
+    for name, value in ema.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_ema_stays_float32_for_a_bfloat16_model():
     model = _Toy().to(torch.bfloat16)
     ema = EMA(model)

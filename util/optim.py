@@ -10,6 +10,7 @@ import torch
 from util.distributed import print0
 
 ADAMW_BETAS = (0.9, 0.95)
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
@@ -47,11 +48,12 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                     skip_list: Iterable[str] = (), device_type: str = "cpu") -> torch.optim.AdamW:
     """AdamW with betas (0.9, 0.95) over :func:`param_groups_weight_decay`; prints the grouping on rank 0.
 
-    The update runs as one fused kernel on CUDA and as multi-tensor (foreach) operations elsewhere: the same
-    AdamW, fewer kernel launches than the original's per-parameter loop (the last bits may differ from it).
+    The update runs as one fused kernel per parameter group on CUDA and CPU (multi-tensor foreach operations
+    elsewhere): the same AdamW in one pass over the weights, without the original per-parameter loop's
+    temporaries (the last bits may differ from it).
     """
     groups, summary = param_groups_weight_decay(model, weight_decay, skip_list)
-    implementation = {"fused": True} if device_type == "cuda" else {"foreach": True}
+    implementation = {"fused": True} if device_type in FUSED_ADAMW_DEVICES else {"foreach": True}
     print0(f"optimizer: AdamW ({next(iter(implementation))}) lr {lr:.3g} betas {ADAMW_BETAS}; {summary}")
     return torch.optim.AdamW(groups, lr=lr, betas=ADAMW_BETAS, **implementation)
 
@@ -71,10 +73,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, decay: float) -> None:
-        """``ema = decay * ema + (1 - decay) * param`` for every parameter, matched by name."""
+        """``ema = decay * ema + (1 - decay) * param`` for every parameter, matched by name.
+
+        Multi-tensor (foreach) operations: the same multiply and add as the original's per-parameter loop, bit
+        for bit, with fewer kernel launches.
+        """
         params = dict(model.named_parameters())
-        for name, ema_param in self.module.named_parameters():
-            ema_param.mul_(decay).add_(params[name].detach(), alpha=1.0 - decay)
+        ema_params, sources = zip(*[(ema_param, params[name].detach())
+                                    for name, ema_param in self.module.named_parameters()])
+        torch._foreach_mul_(ema_params, decay)
+        torch._foreach_add_(ema_params, sources, alpha=1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights under the model's state-dict keys (saved as ``'model_ema'``)."""
