@@ -233,10 +233,14 @@ def forwarded_flags(args) -> list[str]:
             "--train_steps", str(args.train_steps), "--sample_steps", str(args.sample_steps)]
 
 
-def spawn(args, worker: str, variant: str, latents: str) -> dict:
+def spawn(args, worker: str, variant: str, tmp: str) -> dict:
+    """Run one measurement in a new process; the compiler cache starts empty in each run of the driver, so the
+    first round's first step shows the compilation time."""
+    latents = os.path.join(tmp, f"{worker}-{variant}.pt")
     command = [sys.executable, __file__, "--worker", worker, "--variant", variant, "--latents", latents,
                *forwarded_flags(args)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
+           "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor-cache")}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
@@ -263,8 +267,7 @@ def drive(args) -> None:
         for round_index in range(args.rounds):
             for workload in workloads:
                 for variant in (first, second):
-                    latents = os.path.join(tmp, f"{workload}-{variant}.pt")
-                    results[workload, variant].append(spawn(args, workload, variant, latents))
+                    results[workload, variant].append(spawn(args, workload, variant, tmp))
                     print(f"round {round_index + 1} {workload} {variant}: {results[workload, variant][-1]} "
                           f"({(time.time() - started) / 60:.1f} min)", flush=True)
                 if workload.startswith("sample"):

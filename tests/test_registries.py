@@ -79,13 +79,16 @@ class MeanBrightness:
         images, _ = read_generated_images(folder, self.num_images, self.class_num)
         return {"mean_brightness": images.float().mean().item()}
 
+    def sources(self):
+        return {"brightness_scale": "uint8"}
+
 
 def test_a_metric_added_to_the_registry_alone_is_in_the_evaluation_record(tmp_path, checkpoint, monkeypatch):
     monkeypatch.setitem(EVAL_METRICS, "brightness", MeanBrightness)
     out = tmp_path / "eval"
     main.cli([*TINY, *EVAL, "--resume", str(checkpoint), "--output_dir", str(out), "--metrics", "brightness"])
     record = last_record(out)
-    assert 0.0 <= record["mean_brightness"] <= 255.0
+    assert 0.0 <= record["mean_brightness"] <= 255.0 and record["brightness_scale"] == "uint8"
     assert "metrics_skipped" not in record
 
 
