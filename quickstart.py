@@ -111,8 +111,8 @@ def evaluate(out: Path, data: Path, judge_path: Path, cfg: float, run: RunSize) 
     """
     transdiff_main.cli([*MODEL_FLAGS, "--evaluate", "--resume", str(out), "--output_dir", str(out),
                         "--cfg", str(cfg), "--num_images", str(run.num_images), "--eval_bsz", "100",
-                        "--num_sampling_steps", str(run.sampling_steps), "--sampler", EVAL_SAMPLER, "--metrics", "digits",
-                        "--digits_judge", str(judge_path), "--ref_images", str(data / "val"),
+                        "--num_sampling_steps", str(run.sampling_steps), "--sampler", EVAL_SAMPLER,
+                        "--metrics", "digits", "--digits_judge", str(judge_path), "--ref_images", str(data / "val"),
                         "--require_metrics"])
     return json.loads((out / "metrics.json").read_text())[-1]
 
@@ -161,7 +161,8 @@ def run_quickstart(args) -> dict:
 
     best_cfg = min(results, key=lambda cfg: results[cfg]["frechet_distance"])
     samples = read_generated_images(results[best_cfg]["folder"], run.num_images, CLASS_NUM)  # [N, 3, H, W], [N]
-    grid = image_grid(class_rows(*samples, GRID_PER_CLASS), GRID_PER_CLASS, scale=GRID_ZOOM).convert("L")  # the digits are grey
+    grid = image_grid(class_rows(*samples, GRID_PER_CLASS), GRID_PER_CLASS, scale=GRID_ZOOM)
+    grid = grid.convert("L")  # the digits are grey
     atomic_write(out / "samples_grid.png", lambda handle: grid.save(handle, format="PNG", optimize=True))
 
     report = {"epochs": epochs, "optimizer_steps": epochs * STEPS_PER_EPOCH, "threads": args.threads,
