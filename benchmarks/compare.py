@@ -271,7 +271,8 @@ def drive(args) -> None:
                     print(f"round {round_index + 1} {workload} {variant}: {results[workload, variant][-1]} "
                           f"({(time.time() - started) / 60:.1f} min)", flush=True)
                 if workload.startswith("sample"):
-                    a, b = (torch.load(os.path.join(tmp, f"{workload}-{v}.pt")) for v in (first, second))
+                    a, b = (torch.load(os.path.join(tmp, f"{workload}-{v}.pt"), weights_only=True)
+                            for v in (first, second))
                     deviation[workload] = max(deviation.get(workload, 0.0), (a - b).abs().max().item())
     print(f"\n{args.model}, {args.img_size} px, {args.device}, {args.precision}, {args.threads} thread(s), best of "
           f"{args.rounds} round(s); {first} vs {second}\n")

@@ -74,6 +74,15 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, 
     assert epochs == [0, 1, 2]
 
 
+def sigkill_if_running(process) -> bool:
+    """SIGKILL `process` and reap it; False if it had already finished."""
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+
+
 def kill_after_saves(process, saves: int, delay: float) -> bool:
     """SIGKILL `process` `delay` seconds after its `saves`-th checkpoint line; False if it finished first."""
     for line in process.stdout:
@@ -81,11 +90,7 @@ def kill_after_saves(process, saves: int, delay: float) -> bool:
         if saves == 0:
             time.sleep(delay)
             break
-    if process.poll() is not None:
-        return False
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return True
+    return sigkill_if_running(process)
 
 
 def kill_during_write(process, folder) -> bool:
@@ -94,11 +99,7 @@ def kill_during_write(process, folder) -> bool:
     while process.poll() is None and not temp_files(folder):
         assert time.time() < deadline, "no checkpoint write within 60 s"
         time.sleep(0.0005)
-    if process.poll() is not None:
-        return False
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    return True
+    return sigkill_if_running(process)
 
 
 def test_repeated_kills_lose_nothing_and_end_bit_identical(tmp_path, data):
