@@ -12,7 +12,10 @@ The executions (`VARIANTS`, chosen with `--pair A,B`):
 * `eager`: this project's default: keys/values once per sample and shared by its copies, the encoder once per
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
   the multi-tensor EMA update.
-* `fast`: `eager` with `--compile` (every encoder and decoder block compiled, `util.execution`).
+* `onednn`: `eager` with `--linear_backend onednn` (the linear layers' float32 products in oneDNN,
+  `util.linear_backend`; a CPU setting, so on CUDA `onednn` is `eager` and `fast` is `eager` compiled).
+* `fast`: `onednn` with `--compile` (every encoder and decoder block compiled, `util.execution`) and
+  `--lean_dropout` (dropout and attention keep only their masks for the backward pass, `models.lean_dropout`).
 * `lean`: `fast` with `--grad_checkpointing` (blocks recompute their activations in the backward pass).
 
 Each measurement runs in a process of its own, so that its peak memory is its own, and the two executions
@@ -61,13 +64,21 @@ class Variant(NamedTuple):
     compiled: bool             # util.execution.compile_blocks
     project_optimizer: bool    # build_optimizer and EMA.update, else torch's default AdamW and a per-parameter EMA
     grad_checkpointing: bool
+    linear_backend: str        # util.linear_backend
+    lean_dropout: bool         # models.lean_dropout
 
 
 VARIANTS = {
-    "faithful": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False),
-    "eager": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False),
-    "fast": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False),
-    "lean": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True),
+    "faithful": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
+                        linear_backend="aten", lean_dropout=False),
+    "eager": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
+                     linear_backend="aten", lean_dropout=False),
+    "onednn": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
+                      linear_backend="onednn", lean_dropout=False),
+    "fast": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False,
+                    linear_backend="onednn", lean_dropout=True),
+    "lean": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True,
+                    linear_backend="onednn", lean_dropout=True),
 }
 
 
@@ -98,15 +109,23 @@ class Meter:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
-def build_model(args, device, **overrides):
+def build_model(args, device, variant: Variant, **overrides):
     import torch
 
+    from models.lean_dropout import set_lean_dropout
     from models.transdiff import TRANSDIFF_MODELS
+    from util.linear_backend import set_linear_backend
 
     torch.manual_seed(SEED)
-    return TRANSDIFF_MODELS[args.model](img_size=args.img_size, vae_stride=args.vae_stride,
-                                        vae_embed_dim=args.vae_embed_dim, class_num=1000, attn_dropout=DROPOUT,
-                                        proj_dropout=DROPOUT, **overrides).to(device)
+    model = TRANSDIFF_MODELS[args.model](img_size=args.img_size, vae_stride=args.vae_stride,
+                                         vae_embed_dim=args.vae_embed_dim, class_num=1000, attn_dropout=DROPOUT,
+                                         proj_dropout=DROPOUT, **overrides).to(device)
+    # The zero-initialised output layer would make every velocity 0, every sample the same noise process in both
+    # executions, and their comparison vacuous: small random weights, as a trained network has.
+    torch.nn.init.normal_(model.diffdecoder.net.final_layer.linear.weight, std=0.02)
+    set_linear_backend(model, variant.linear_backend if device.type == "cpu" else "aten")
+    set_lean_dropout(model, variant.lean_dropout)
+    return model
 
 
 def autocast(args, device):
@@ -125,7 +144,7 @@ def train_worker(args, variant: Variant, device) -> dict:
     from util.execution import wrap_model
     from util.optim import EMA, build_optimizer, param_groups_weight_decay
 
-    model = build_model(args, device, diffusion_batch_mul=DIFFUSION_BATCH_MUL,
+    model = build_model(args, device, variant, diffusion_batch_mul=DIFFUSION_BATCH_MUL,
                         grad_checkpointing=variant.grad_checkpointing).train()
     if not variant.shared_work:
         model.forward_loss = lambda *a, **k: per_copy_forward_loss(model, *a, **k)
@@ -174,7 +193,7 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
     from models.reference import per_image_samples
     from util.execution import compile_blocks
 
-    model = build_model(args, device).eval()
+    model = build_model(args, device, variant).eval()
     if variant.compiled:
         compile_blocks(model)
     labels = (torch.arange(batch) * 7 % 1000).to(device)

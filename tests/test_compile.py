@@ -7,44 +7,31 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from models.transdiff import transdiff_tiny
+from models.lean_dropout import set_lean_dropout
+from tiny_runs import LABELS, loss_and_grads, tiny_model
 from util.execution import compile_blocks, compiled_blocks, wrap_model
+from util.linear_backend import set_linear_backend
 from util.optim import EMA
 
 pytestmark = pytest.mark.compile
 
-TINY = dict(img_size=16, vae_stride=2, vae_embed_dim=4, class_num=5, buffer_size=4, diffusion_batch_mul=2)
-LABELS = torch.tensor([2, 0, 4, 2])
 
-
-def build(mrar=False, grad_checkpointing=False, dropout=0.0):
-    torch.manual_seed(0)
-    model = transdiff_tiny(**TINY, patch_size=2 if mrar else 1, mrar=mrar, grad_checkpointing=grad_checkpointing,
-                           attn_dropout=dropout, proj_dropout=dropout)
-    torch.nn.init.normal_(model.diffdecoder.net.final_layer.linear.weight, std=0.02)  # zero-init blocks gradients
+def build(mrar=False, grad_checkpointing=False, dropout=0.0, cpu_switches=False):
+    """cpu_switches: `--linear_backend onednn` and `--lean_dropout`, as `benchmarks/compare.py`'s fast path."""
+    model = tiny_model(mrar, grad_checkpointing, dropout, dropout)
+    set_linear_backend(model, "onednn" if cpu_switches else "aten")
+    set_lean_dropout(model, cpu_switches)
     return model
 
 
-def latents(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    shape = (len(LABELS), model.vae_embed_dim, model.latent_size, model.latent_size)
-    return [torch.randn(shape, generator=g) for _ in range(model.num_stages)] if model.mrar else torch.randn(
-        shape, generator=g)
-
-
-def loss_and_grads(model):
-    model.train()
-    torch.manual_seed(7)  # the dropout masks
-    loss = model(latents(model), LABELS, generator=torch.Generator().manual_seed(3))
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("mrar,grad_checkpointing,dropout", [(False, False, 0.0), (False, True, 0.1),
-                                                              (True, False, 0.1)])
-def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout):
-    """With dropout too: on CPU the compiled blocks draw eager's masks (`compile_blocks`)."""
-    eager, compiled = build(mrar, grad_checkpointing, dropout), build(mrar, grad_checkpointing, dropout)
+@pytest.mark.parametrize("mrar,grad_checkpointing,dropout,cpu_switches", [
+    (False, False, 0.0, False), (False, True, 0.1, False), (True, False, 0.1, False), (False, False, 0.1, True),
+    (True, True, 0.1, True)])
+def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout, cpu_switches):
+    """With dropout too: on CPU the compiled blocks draw eager's masks (`compile_blocks`). The oneDNN linear and
+    lean dropout ops compile inside the blocks' single graphs (fullgraph), against the plain eager model."""
+    eager = build(mrar, grad_checkpointing, dropout)
+    compiled = build(mrar, grad_checkpointing, dropout, cpu_switches)
     wrap_model(compiled, torch.device("cpu"), compile=True)
     loss_eager, grads_eager = loss_and_grads(eager)
     loss_compiled, grads_compiled = loss_and_grads(compiled)
@@ -54,9 +41,10 @@ def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout):
         assert_close(grads_compiled[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("sampler,cfg", [("maruyama", 1.5), ("euler", 1.0)])
-def test_compiled_sampling_equals_eager(sampler, cfg):
-    eager, compiled = build().eval(), build().eval()
+@pytest.mark.parametrize("sampler,cfg,cpu_switches", [("maruyama", 1.5, False), ("euler", 1.0, False),
+                                                      ("maruyama", 1.5, True)])
+def test_compiled_sampling_equals_eager(sampler, cfg, cpu_switches):
+    eager, compiled = build().eval(), build(cpu_switches=cpu_switches).eval()
     compile_blocks(compiled)
     runs = [model.samples(LABELS, 4, cfg=cfg, sampler=sampler, cfg_interval=(0.3, 1.0),
                           generator=torch.Generator().manual_seed(5)) for model in (eager, compiled)]

@@ -115,6 +115,16 @@ def test_cuda_without_cuda_is_a_settings_error(monkeypatch):
         resolved([*TINY, "--device", "cuda"])
 
 
+def test_onednn_linear_backend_is_refused_off_cpu_and_without_onednn(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SettingsError, match="--linear_backend onednn is for CPU runs"):
+        resolved([*TINY[:-6], "--linear_backend", "onednn"])  # no --device: CUDA
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with pytest.raises(SettingsError, match="this torch build has no oneDNN; use aten"):
+        resolved([*TINY, "--linear_backend", "onednn"])
+    assert resolved(TINY).linear_backend == "aten"
+
+
 def test_main_cache_takes_the_same_device_decision(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exited:

@@ -1,0 +1,136 @@
+"""Dropout that keeps only its mask for the backward pass (`--lean_dropout`), in CPU float32 training.
+
+On CPU, torch's dropout keeps its float32 noise for the backward pass (4 bytes per element), and
+`F.scaled_dot_product_attention` with dropout runs its math path, which keeps, for every attention weight, the
+softmax output, the noise and the dropped weights (12 bytes), besides scaled copies of the queries and keys.
+The ops here compute the same forwards, op for op (the same values and the same draws from torch's generator),
+but keep the mask as bool (1 byte per element):
+
+* `dropout`: x times the noise; the backward multiplies by the noise rebuilt from the mask.
+* `dropout_attention`: keeps q, k, v and the mask; its backward recomputes the weights from q and k, as flash
+  attention does on GPUs.
+
+Forwards and gradients are bit-identical to torch's (`tests/test_lean_dropout.py`). At TransDiff-B, batch 2 x
+`diffusion_batch_mul` 4, this keeps several GiB less, for one extra q·kᵀ product per attention in the backward.
+The attention's two passes are custom ops, opaque to `torch.compile`, so that the compiler cannot merge the
+backward's recomputation with the forward's product and keep the weights after all.
+
+Shapes: B batch, H heads, L queries, S keys, E head width.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
+    """softmax(q kᵀ / sqrt(E)) [B, H, L, S], the math path's way: q and k each scaled by E^-1/4, a bool `mask`
+    (True: may attend) as an additive -inf; returns the weights and that scale."""
+    root_scale = math.sqrt(q.shape[-1] ** -0.5)
+    scores = (q * root_scale) @ (k * root_scale).transpose(-2, -1)  # [B, H, L, S]
+    if mask is not None:
+        scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(mask.logical_not(), float("-inf"))
+    return torch._safe_softmax(scores, -1), root_scale
+
+
+@torch.library.custom_op("transdiff::dropout_attention", mutates_args=())
+def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+                      dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention output [B, H, L, E] and the kept weights (bool [B, H, L, S]) of q [B, H, L, E], k, v [B, H, S, E]."""
+    weights, _ = _attention_weights(q, k, mask)
+    noise = torch.empty_like(weights).bernoulli_(1 - dropout_p).div_(1 - dropout_p)  # [B, H, L, S]
+    return (weights * noise) @ v, noise.ne(0)
+
+
+@dropout_attention.register_fake
+def _dropout_attention_fake(q, k, v, mask, dropout_p):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(*q.shape[:-1], k.shape[-2], dtype=torch.bool)
+
+
+@torch.library.custom_op("transdiff::dropout_attention_backward", mutates_args=())
+def dropout_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               mask: Optional[torch.Tensor], kept: torch.Tensor,
+                               dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v from the output's `grad` [B, H, L, E], the weights recomputed (autograd's formulas)."""
+    weights, root_scale = _attention_weights(q, k, mask)  # [B, H, L, S]
+    noise = kept.to(weights.dtype).div_(1 - dropout_p)  # the forward's noise, value for value
+    grad_v = (weights * noise).transpose(-2, -1) @ grad  # [B, H, S, E]
+    grad_weights = (grad @ v.transpose(-2, -1)).mul_(noise)  # [B, H, L, S]
+    grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)  # [B, H, L, S]
+    grad_q = (grad_scores @ (k * root_scale)).mul_(root_scale)  # [B, H, L, E]
+    grad_k = (q * root_scale).transpose(-2, -1).matmul(grad_scores).transpose(-2, -1).mul(root_scale)  # [B, H, S, E]
+    return grad_q, grad_k.contiguous(), grad_v
+
+
+@dropout_attention_backward.register_fake
+def _dropout_attention_backward_fake(grad, q, k, v, mask, kept, dropout_p):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, mask, dropout_p = inputs
+    ctx.save_for_backward(q, k, v, mask, output[1])
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, grad, grad_kept):
+    q, k, v, mask, kept = ctx.saved_tensors
+    return (*dropout_attention_backward(grad, q, k, v, mask, kept, ctx.dropout_p), None, None)
+
+
+dropout_attention.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+@torch.library.custom_op("transdiff::dropout", mutates_args=())
+def dropout(x: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`F.dropout(x, p)` in training, and its mask (bool, x's shape)."""
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return x * noise, noise.ne(0)
+
+
+@dropout.register_fake
+def _dropout_fake(x, p):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _save_mask(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.p = inputs[1]
+
+
+def _dropout_backward(ctx, grad, grad_kept):
+    (kept,) = ctx.saved_tensors
+    return grad * kept.to(grad.dtype).div_(1 - ctx.p), None
+
+
+dropout.register_autograd(_dropout_backward, setup_context=_save_mask)
+
+
+def applies(x: torch.Tensor, p: float) -> bool:
+    """Where the lean ops change anything: float32 CPU training with dropout (CUDA's fused kernels already keep
+    masks; inference keeps nothing)."""
+    return 0.0 < p < 1.0 and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+
+
+class LeanDropout(nn.Dropout):
+    """`nn.Dropout` that keeps its mask as bool where `applies`; elsewhere `nn.Dropout` itself."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not self.inplace and applies(x, self.p):
+            return dropout(x, self.p)[0]
+        return super().forward(x)
+
+
+def set_lean_dropout(model: nn.Module, enabled: bool) -> int:
+    """Switch every dropout of `model`: its `nn.Dropout` layers (their class) and its attentions (modules with a
+    `lean_dropout` attribute). Parameters and state dict are unchanged. Returns how many were switched."""
+    dropouts = [module for module in model.modules() if type(module) in (nn.Dropout, LeanDropout)]
+    for layer in dropouts:
+        layer.__class__ = LeanDropout if enabled else nn.Dropout
+    attentions = [module for module in model.modules() if hasattr(module, "lean_dropout")]
+    for attention in attentions:
+        attention.lean_dropout = enabled
+    return len(dropouts) + len(attentions)
