@@ -1,6 +1,6 @@
 """Two executions of TransDiff side by side: training and sampling throughput, peak memory, output difference.
 
-    python benchmarks/compare.py              # faithful vs fast, TransDiff-B, CPU, 1 thread (about 30 min, 2 cores)
+    python benchmarks/compare.py              # faithful vs fast, TransDiff-B, CPU, 1 thread (about 17 min, 2 cores)
     python benchmarks/compare.py --model transdiff_tiny --img_size 32 --vae_stride 2 --rounds 1    # seconds
     bash benchmarks/gpu.sh                    # eager vs compiled, TransDiff-B and -L, CUDA, bf16
 
