@@ -36,12 +36,22 @@ def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Te
     return torch._safe_softmax(scores, -1), root_scale
 
 
+def _dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
+    """torch's CPU dropout noise for a tensor like `like`: 0 or 1/(1-p), drawn as `F.dropout` draws it."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+def _noise_from_mask(kept: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
+    """The noise of `_dropout_noise` rebuilt from its bool mask, value for value."""
+    return kept.to(dtype).div_(1 - p)
+
+
 @torch.library.custom_op("transdiff::dropout_attention", mutates_args=())
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                       dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, L, E] and the kept weights (bool [B, H, L, S]) of q [B, H, L, E], k, v [B, H, S, E]."""
     weights, _ = _attention_weights(q, k, mask)
-    noise = torch.empty_like(weights).bernoulli_(1 - dropout_p).div_(1 - dropout_p)  # [B, H, L, S]
+    noise = _dropout_noise(weights, dropout_p)  # [B, H, L, S]
     return (weights * noise) @ v, noise.ne(0)
 
 
@@ -56,7 +66,7 @@ def dropout_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Ten
                                dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v from the output's `grad` [B, H, L, E], the weights recomputed (autograd's formulas)."""
     weights, root_scale = _attention_weights(q, k, mask)  # [B, H, L, S]
-    noise = kept.to(weights.dtype).div_(1 - dropout_p)  # the forward's noise, value for value
+    noise = _noise_from_mask(kept, weights.dtype, dropout_p)  # [B, H, L, S]
     grad_v = (weights * noise).transpose(-2, -1) @ grad  # [B, H, S, E]
     grad_weights = (grad @ v.transpose(-2, -1)).mul_(noise)  # [B, H, L, S]
     grad_scores = torch._softmax_backward_data(grad_weights, weights, -1, weights.dtype)  # [B, H, L, S]
@@ -87,7 +97,7 @@ dropout_attention.register_autograd(_backward, setup_context=_save_for_backward)
 @torch.library.custom_op("transdiff::dropout", mutates_args=())
 def dropout(x: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """`F.dropout(x, p)` in training, and its mask (bool, x's shape)."""
-    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    noise = _dropout_noise(x, p)
     return x * noise, noise.ne(0)
 
 
@@ -103,7 +113,7 @@ def _save_mask(ctx, inputs, output):
 
 def _dropout_backward(ctx, grad, grad_kept):
     (kept,) = ctx.saved_tensors
-    return grad * kept.to(grad.dtype).div_(1 - ctx.p), None
+    return grad * _noise_from_mask(kept, grad.dtype, ctx.p), None
 
 
 dropout.register_autograd(_dropout_backward, setup_context=_save_mask)

@@ -86,15 +86,26 @@ class OneDNNLinear(nn.Linear):
         return out.view(*x.shape[:-1], self.out_features)  # [..., N]
 
 
+def check_linear_backend(backend: str, device_type: Optional[str] = None) -> None:
+    """Raise ValueError, saying what to use instead, for an unknown backend, ``onednn`` on a torch built without
+    oneDNN, or ``onednn`` for a run on another device than the CPU (when `device_type` is given)."""
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"unknown linear backend {backend!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
+    if backend != "onednn":
+        return
+    if device_type is not None and device_type != "cpu":
+        raise ValueError(f"--linear_backend onednn is for CPU runs (this run is on {device_type}); "
+                         "leave it at aten (on CUDA, --tf32 is the faster float32)")
+    if not torch.backends.mkldnn.is_available():
+        raise ValueError("--linear_backend onednn: this torch build has no oneDNN; use aten")
+
+
 def set_linear_backend(model: nn.Module, backend: str) -> int:
     """Run every `nn.Linear` of `model` through `backend` (one of `LINEAR_BACKENDS`); returns how many layers.
 
-    Raises ValueError for an unknown backend, or ``onednn`` on a torch built without oneDNN.
+    Raises ValueError as `check_linear_backend` does.
     """
-    if backend not in LINEAR_BACKENDS:
-        raise ValueError(f"unknown linear backend {backend!r}; choose one of {', '.join(LINEAR_BACKENDS)}")
-    if backend == "onednn" and not torch.backends.mkldnn.is_available():
-        raise ValueError("--linear_backend onednn: this torch build has no oneDNN (torch.backends.mkldnn)")
+    check_linear_backend(backend)
     target = OneDNNLinear if backend == "onednn" else nn.Linear
     layers = [module for module in model.modules() if type(module) in (nn.Linear, OneDNNLinear)]
     for layer in layers:

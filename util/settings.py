@@ -8,14 +8,12 @@ decides the device, derives the absolute learning rate and rejects inconsistent 
 """
 import argparse
 
-import torch
-
 from models.samplers import DEFAULT_SAMPLER, SAMPLERS
 from models.tokenizers import TOKENIZERS, check_tokenizer_settings
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util.eval_metrics import DEFAULT_METRICS, EVAL_METRICS
-from util.linear_backend import LINEAR_BACKENDS
+from util.linear_backend import LINEAR_BACKENDS, check_linear_backend
 from util.lr_sched import SCHEDULES, absolute_lr
 from util.presets import SAMPLING_PRESETS, apply_preset
 
@@ -266,11 +264,10 @@ def resolve_args(args):
         raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
         raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
-    if args.linear_backend == "onednn" and args.device != "cpu":
-        raise SettingsError(f"--linear_backend onednn is for CPU runs (this run is on {args.device}); "
-                            "leave it at aten (on CUDA, --tf32 is the faster float32)")
-    if args.linear_backend == "onednn" and not torch.backends.mkldnn.is_available():
-        raise SettingsError("--linear_backend onednn: this torch build has no oneDNN; use aten")
+    try:
+        check_linear_backend(args.linear_backend, args.device)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     if isinstance(args.cfg, list) and not args.mrar:
         raise SettingsError("a per-stage --cfg list needs --mrar")
     if args.bf16:
