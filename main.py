@@ -15,6 +15,7 @@ import torch
 
 import engine_transdiff as engine
 from models.lean_dropout import set_lean_dropout
+from models.linear_backend import set_linear_backend
 from models.tokenizers import TOKENIZERS, build_tokenizer
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
@@ -25,7 +26,6 @@ from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
 from util.errors import run_cli
 from util.execution import compile_blocks, wrap_model
 from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
-from util.linear_backend import set_linear_backend
 from util.logger import TensorboardWriter, create_logger
 from util.optim import EMA, build_grad_scaler, build_optimizer
 from util.settings import SettingsError, get_args_parser, resolve_args

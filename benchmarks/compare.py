@@ -13,9 +13,10 @@ The executions (`VARIANTS`, chosen with `--pair A,B`):
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
   the multi-tensor EMA update.
 * `onednn`: `eager` with `--linear_backend onednn` (the linear layers' float32 products in oneDNN,
-  `util.linear_backend`; a CPU setting, so on CUDA `onednn` is `eager` and `fast` is `eager` compiled).
-* `fast`: `onednn` with `--compile` (every encoder and decoder block compiled, `util.execution`) and
-  `--lean_dropout` (dropout and attention keep only their masks for the backward pass, `models.lean_dropout`).
+  `models.linear_backend`; a CPU setting, so on CUDA `onednn` is `eager` and `fast` is `eager` compiled).
+* `fast`: `eager` with `--linear_backend auto` (oneDNN on CPUs with AVX-512, torch's BLAS elsewhere), `--compile`
+  (every encoder and decoder block compiled, `util.execution`) and `--lean_dropout` (dropout, attention and the
+  MLP's hidden layer keep only their inputs and masks for the backward pass, `models.lean_dropout`).
 * `lean`: `fast` with `--grad_checkpointing` (blocks recompute their activations in the backward pass).
 
 Each measurement runs in a process of its own, so that its peak memory is its own, and the two executions
@@ -64,7 +65,7 @@ class Variant(NamedTuple):
     compiled: bool             # util.execution.compile_blocks
     project_optimizer: bool    # build_optimizer and EMA.update, else torch's default AdamW and a per-parameter EMA
     grad_checkpointing: bool
-    linear_backend: str        # util.linear_backend
+    linear_backend: str        # models.linear_backend: a LINEAR_BACKEND_CHOICES entry
     lean_dropout: bool         # models.lean_dropout
 
 
@@ -76,9 +77,9 @@ VARIANTS = {
     "onednn": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
                       linear_backend="onednn", lean_dropout=False),
     "fast": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False,
-                    linear_backend="onednn", lean_dropout=True),
+                    linear_backend="auto", lean_dropout=True),
     "lean": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True,
-                    linear_backend="onednn", lean_dropout=True),
+                    linear_backend="auto", lean_dropout=True),
 }
 
 
@@ -113,8 +114,8 @@ def build_model(args, device, variant: Variant, **overrides):
     import torch
 
     from models.lean_dropout import set_lean_dropout
+    from models.linear_backend import resolve_linear_backend, set_linear_backend
     from models.transdiff import TRANSDIFF_MODELS
-    from util.linear_backend import set_linear_backend
 
     torch.manual_seed(SEED)
     model = TRANSDIFF_MODELS[args.model](img_size=args.img_size, vae_stride=args.vae_stride,
@@ -123,7 +124,7 @@ def build_model(args, device, variant: Variant, **overrides):
     # The zero-initialised output layer would make every velocity 0, every sample the same noise process in both
     # executions, and their comparison vacuous: small random weights, as a trained network has.
     torch.nn.init.normal_(model.diffdecoder.net.final_layer.linear.weight, std=0.02)
-    set_linear_backend(model, variant.linear_backend if device.type == "cpu" else "aten")
+    set_linear_backend(model, resolve_linear_backend(variant.linear_backend) if device.type == "cpu" else "aten")
     set_lean_dropout(model, variant.lean_dropout)
     return model
 
@@ -293,8 +294,8 @@ def drive(args) -> None:
                     a, b = (torch.load(os.path.join(tmp, f"{workload}-{v}.pt"), weights_only=True)
                             for v in (first, second))
                     deviation[workload] = max(deviation.get(workload, 0.0), (a - b).abs().max().item())
-    print(f"\n{args.model}, {args.img_size} px, {args.device}, {args.precision}, {args.threads} thread(s), best of "
-          f"{args.rounds} round(s); {first} vs {second}\n")
+    print(f"\n{args.model}, {args.img_size} px, {args.device} ({torch.backends.cpu.get_cpu_capability()}), "
+          f"{args.precision}, {args.threads} thread(s), best of {args.rounds} round(s); {first} vs {second}\n")
     print(f"| workload | {first} | {second} | {second} / {first} |\n|---|---|---|---|")
     ratios = {}
     if "train" in workloads:

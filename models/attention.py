@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.lean_dropout import applies as lean_dropout_applies
-from models.lean_dropout import dropout_attention
+from models.lean_dropout import dropout_attention, fuses_mlp_output, mlp_output
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
@@ -38,7 +38,11 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Mlp(nn.Module):
-    """Linear -> exact GELU -> dropout -> Linear -> dropout."""
+    """Linear -> exact GELU -> dropout -> Linear -> dropout.
+
+    With `lean_dropout` (`--lean_dropout`), where `models.lean_dropout.fuses_mlp_output`, the GELU, the first
+    dropout and `fc2` run as one op that keeps fc1's output and the mask (the same values).
+    """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
@@ -46,9 +50,13 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
+        self.lean_dropout = False  # models.lean_dropout.set_lean_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)  # [..., F]
+        if self.lean_dropout and self.training and fuses_mlp_output(hidden, self.drop.p, self.fc2):
+            return self.drop(mlp_output(hidden, self.drop.p, self.fc2))  # [..., D]
+        return self.drop(self.fc2(self.drop(self.act(hidden))))  # [..., D]
 
 
 class SelfAttention(nn.Module):

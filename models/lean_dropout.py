@@ -9,13 +9,18 @@ but keep the mask as bool (1 byte per element):
 * `dropout`: x times the noise; the backward multiplies by the noise rebuilt from the mask.
 * `dropout_attention`: keeps q, k, v and the mask; its backward recomputes the weights from q and k, as flash
   attention does on GPUs.
+* `gelu_dropout_linear`: the MLP's GELU -> dropout -> second linear layer, with that layer's products
+  (`models.linear_backend`). Unfused, the GELU keeps its input and the linear layer keeps its own input (the
+  dropped activation): two float32 copies of the hidden layer. This op keeps the GELU's input and the mask, and
+  its backward recomputes the dropped activation (a GELU and a product, elementwise).
 
 Forwards and gradients are bit-identical to torch's (`tests/test_lean_dropout.py`). At TransDiff-B, batch 2 x
-`diffusion_batch_mul` 4, this keeps several GiB less, for one extra q·kᵀ product per attention in the backward.
-The attention's two passes are custom ops, opaque to `torch.compile`, so that the compiler cannot merge the
-backward's recomputation with the forward's product and keep the weights after all.
+`diffusion_batch_mul` 4, this keeps several GiB less, for one extra q·kᵀ product per attention and one GELU per
+MLP in the backward. The ops are opaque to `torch.compile`, so that the compiler cannot merge a backward's
+recomputation with the forward and keep what it recomputes after all.
 
-Shapes: B batch, H heads, L queries, S keys, E head width.
+Shapes: B batch, H heads, L queries, S keys, E head width; in the MLP, M rows of hidden width F and output
+width D.
 """
 from __future__ import annotations
 
@@ -24,6 +29,9 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from models.linear_backend import float32_cpu_backend, linear_grads, linear_product
 
 
 def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, float]:
@@ -31,8 +39,9 @@ def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Te
     (True: may attend) as an additive -inf; returns the weights and that scale."""
     root_scale = math.sqrt(q.shape[-1] ** -0.5)
     scores = (q * root_scale) @ (k * root_scale).transpose(-2, -1)  # [B, H, L, S]
-    if mask is not None:
-        scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(mask.logical_not(), float("-inf"))
+    if mask is None:  # no row is all -inf: the safe softmax's values, without its checks
+        return torch.softmax(scores, -1), root_scale
+    scores = scores + torch.zeros_like(mask, dtype=scores.dtype).masked_fill_(mask.logical_not(), float("-inf"))
     return torch._safe_softmax(scores, -1), root_scale
 
 
@@ -119,10 +128,80 @@ def _dropout_backward(ctx, grad, grad_kept):
 dropout.register_autograd(_dropout_backward, setup_context=_save_mask)
 
 
+@torch.library.custom_op("transdiff::gelu_dropout_linear", mutates_args=())
+def gelu_dropout_linear(hidden: torch.Tensor, p: float, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`linear(F.dropout(F.gelu(hidden), p), weight, bias)` with `backend`'s products, hidden [..., F],
+    weight [D, F] -> [M, D] (M rows: hidden flattened), and the dropout mask (bool [..., F])."""
+    activated = F.gelu(hidden)  # [..., F]
+    noise = _dropout_noise(activated, p)
+    dropped = (activated * noise).reshape(-1, hidden.shape[-1])  # [M, F]
+    return linear_product(dropped, weight, bias, backend), noise.ne(0)
+
+
+@gelu_dropout_linear.register_fake
+def _gelu_dropout_linear_fake(hidden, p, weight, bias, backend):
+    return hidden.new_empty(hidden.numel() // hidden.shape[-1], weight.shape[0]), torch.empty_like(hidden,
+                                                                                                    dtype=torch.bool)
+
+
+@torch.library.custom_op("transdiff::gelu_dropout_linear_backward", mutates_args=())
+def gelu_dropout_linear_backward(grad: torch.Tensor, hidden: torch.Tensor, kept: torch.Tensor,
+                                 weight: torch.Tensor, p: float, backend: str, hidden_grad: bool,
+                                 weight_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `gelu_dropout_linear`'s hidden [..., F] and weight [D, F] from grad [M, D], the dropped
+    activation recomputed (autograd's formulas); an empty tensor for a gradient not asked for."""
+    noise = _noise_from_mask(kept, hidden.dtype, p)  # [..., F]
+    dropped = (F.gelu(hidden) * noise).reshape(-1, hidden.shape[-1])  # [M, F]
+    grad_dropped, grad_weight = linear_grads(grad, dropped, weight, hidden_grad, weight_grad, backend)  # [M, F]
+    if not hidden_grad:
+        return grad_dropped, grad_weight
+    grad_activated = grad_dropped.view(hidden.shape) * noise  # [..., F]
+    return torch.ops.aten.gelu_backward(grad_activated, hidden), grad_weight
+
+
+@gelu_dropout_linear_backward.register_fake
+def _gelu_dropout_linear_backward_fake(grad, hidden, kept, weight, p, backend, hidden_grad, weight_grad):
+    return (hidden.new_empty(hidden.shape if hidden_grad else (0,)),
+            weight.new_empty(weight.shape if weight_grad else (0,)))
+
+
+def _save_hidden(ctx, inputs, output):
+    hidden, p, weight, bias, backend = inputs
+    ctx.save_for_backward(hidden, output[1], weight)
+    ctx.p, ctx.backend, ctx.has_bias = p, backend, bias is not None
+
+
+def _gelu_dropout_linear_backward(ctx, grad, grad_kept):
+    hidden, kept, weight = ctx.saved_tensors
+    hidden_grad, _, weight_grad, bias_grad, _ = ctx.needs_input_grad
+    grad_hidden, grad_weight = gelu_dropout_linear_backward(grad, hidden, kept, weight, ctx.p, ctx.backend,
+                                                            hidden_grad, weight_grad)
+    return (grad_hidden if hidden_grad else None, None, grad_weight if weight_grad else None,
+            grad.sum(0) if ctx.has_bias and bias_grad else None, None)
+
+
+gelu_dropout_linear.register_autograd(_gelu_dropout_linear_backward, setup_context=_save_hidden)
+
+
 def applies(x: torch.Tensor, p: float) -> bool:
     """Where the lean ops change anything: float32 CPU training with dropout (CUDA's fused kernels already keep
     masks; inference keeps nothing)."""
     return 0.0 < p < 1.0 and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
+
+
+def fuses_mlp_output(hidden: torch.Tensor, p: float, output_layer: nn.Linear) -> bool:
+    """Whether `mlp_output` computes an MLP's GELU -> dropout -> `output_layer` for `hidden`: where the lean ops
+    apply and the layer computes `hidden` with float32 CPU products."""
+    return applies(hidden, p) and float32_cpu_backend(output_layer, hidden) is not None
+
+
+def mlp_output(hidden: torch.Tensor, p: float, output_layer: nn.Linear) -> torch.Tensor:
+    """`output_layer(F.dropout(F.gelu(hidden), p))` [..., D] of hidden [..., F] by `gelu_dropout_linear`, which
+    keeps hidden and the mask (where `fuses_mlp_output`)."""
+    backend = float32_cpu_backend(output_layer, hidden)
+    out = gelu_dropout_linear(hidden, p, output_layer.weight, output_layer.bias, backend)[0]  # [M, D]
+    return out.view(*hidden.shape[:-1], output_layer.out_features)  # [..., D]
 
 
 class LeanDropout(nn.Dropout):
@@ -135,8 +214,8 @@ class LeanDropout(nn.Dropout):
 
 
 def set_lean_dropout(model: nn.Module, enabled: bool) -> int:
-    """Switch every dropout of `model`: its `nn.Dropout` layers (their class) and its attentions (modules with a
-    `lean_dropout` attribute). Parameters and state dict are unchanged. Returns how many were switched."""
+    """Switch every dropout of `model`: its `nn.Dropout` layers (their class) and its attentions and MLPs (modules
+    with a `lean_dropout` attribute). Parameters and state dict are unchanged. Returns how many were switched."""
     dropouts = [module for module in model.modules() if type(module) in (nn.Dropout, LeanDropout)]
     for layer in dropouts:
         layer.__class__ = LeanDropout if enabled else nn.Dropout

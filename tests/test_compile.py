@@ -8,9 +8,9 @@ import torch
 from torch.testing import assert_close
 
 from models.lean_dropout import set_lean_dropout
+from models.linear_backend import set_linear_backend
 from tiny_runs import LABELS, loss_and_grads, tiny_model
 from util.execution import compile_blocks, compiled_blocks, wrap_model
-from util.linear_backend import set_linear_backend
 from util.optim import EMA
 
 pytestmark = pytest.mark.compile

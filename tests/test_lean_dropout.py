@@ -1,13 +1,16 @@
-"""models.lean_dropout (`--lean_dropout`): dropout and attention with dropout that keep only their masks.
+"""models.lean_dropout (`--lean_dropout`): dropout, attention with dropout and the MLP's GELU -> dropout ->
+linear that keep only their masks (and, in the MLP, the GELU's input).
 
-They must be torch's `F.dropout` and the math path of `F.scaled_dot_product_attention` bit for bit, forward and
-gradients, with the same draws from torch's generator, and keep far fewer bytes for the backward pass.
+They must be torch's `F.dropout`, the math path of `F.scaled_dot_product_attention` and the unfused layers bit
+for bit, forward and gradients, with the same draws from torch's generator, and keep far fewer bytes for the
+backward pass.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.lean_dropout import LeanDropout, dropout, dropout_attention, set_lean_dropout
+from models.lean_dropout import LeanDropout, dropout, dropout_attention, mlp_output, set_lean_dropout
+from models.linear_backend import OneDNNLinear, set_linear_backend
 from models.transdiff import block_causal_mask
 from tiny_runs import LABELS, loss_and_grads, tiny_model
 
@@ -77,11 +80,69 @@ def test_dropout_is_torchs_bit_for_bit_and_keeps_a_bool_mask(transposed):
     assert sum(saved_torch.values()) == 4 * x.numel() and sum(saved_lean.values()) == x.numel()
 
 
-def tiny(mrar=False, grad_checkpointing=False, lean=False):
+def mlp_tail(fused, hidden, layer, saved=None):
+    """fc2(dropout(GELU(hidden))) and the gradients of hidden and fc2's parameters, fused or not."""
+    hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
+
+    def pack(tensor):
+        if saved is not None:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    torch.manual_seed(3)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        out = mlp_output(hidden, 0.3, layer) if fused else layer(F.dropout(F.gelu(hidden), 0.3))
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
+    grads = [hidden.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad]
+    layer.zero_grad(set_to_none=True)
+    return out, grads
+
+
+LAYERS = {"aten": torch.nn.Linear, "onednn": OneDNNLinear}
+
+
+@pytest.mark.parametrize("backend", sorted(LAYERS))
+@pytest.mark.parametrize("shape", [(24, 32), (3, 8, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_mlp_output_is_the_unfused_layers_bit_for_bit_and_keeps_the_gelu_input_and_a_mask(shape, bias,
+                                                                                                 backend):
+    torch.manual_seed(0)
+    layer = LAYERS[backend](32, 16, bias=bias)
+    hidden = torch.randn(shape, requires_grad=True)  # [..., F]
+    saved = {}
+    out_ref, grads_ref = mlp_tail(False, hidden, layer)
+    out, grads = mlp_tail(True, hidden, layer, saved)
+    assert out.shape == out_ref.shape and torch.equal(out, out_ref)
+    assert (grads_ref[2] is None) == (not bias)
+    for name, grad, grad_ref in zip(("hidden", "weight", "bias")[:2 + bias], grads, grads_ref):
+        assert torch.equal(grad, grad_ref), name
+    weight = layer.weight.untyped_storage().data_ptr()
+    assert saved.pop(weight) == layer.weight.numel() * 4
+    assert sum(saved.values()) == hidden.numel() * (4 + 1)  # the GELU's input (float32) and the mask (bool)
+
+
+@pytest.mark.parametrize("backend", sorted(LAYERS))
+@pytest.mark.parametrize("frozen", ["hidden", "weight"])
+def test_fused_mlp_output_skips_the_gradients_nobody_asks_for(frozen, backend):
+    torch.manual_seed(0)
+    layer = LAYERS[backend](32, 16)
+    hidden = torch.randn(3, 8, 32, requires_grad=frozen != "hidden")
+    layer.weight.requires_grad_(frozen != "weight")
+    out_ref, grads_ref = mlp_tail(False, hidden, layer)
+    out, grads = mlp_tail(True, hidden, layer)
+    assert torch.equal(out, out_ref)
+    for grad, grad_ref in zip(grads, grads_ref):
+        assert (grad is None and grad_ref is None) or torch.equal(grad, grad_ref)
+    assert (grads[0] is None) == (frozen == "hidden") and (grads[1] is None) == (frozen == "weight")
+
+
+def tiny(mrar=False, grad_checkpointing=False, lean=False, linear_backend="aten"):
     model = tiny_model(mrar, grad_checkpointing, attn_dropout=0.2, proj_dropout=0.1)
-    attentions = len(model.encoder_blocks) + 2 * len(model.diffdecoder.net.res_blocks)
+    set_linear_backend(model, linear_backend)
+    blocks = len(model.encoder_blocks) + len(model.diffdecoder.net.res_blocks)
+    attentions_and_mlps = blocks + len(model.diffdecoder.net.res_blocks) + blocks
     dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
-    assert set_lean_dropout(model, lean) == attentions + len(dropouts)
+    assert set_lean_dropout(model, lean) == attentions_and_mlps + len(dropouts)
     assert all(isinstance(module, LeanDropout) == lean for module in dropouts)
     return model
 
@@ -90,20 +151,23 @@ def loss_grads_and_calls(model):
     with torch.profiler.profile() as profile:
         loss, grads = loss_and_grads(model)
     calls = {name: sum(event.name == f"transdiff::{name}" for event in profile.events())
-             for name in ("dropout_attention", "dropout")}
+             for name in ("dropout_attention", "dropout", "gelu_dropout_linear")}
     return loss, grads, calls
 
 
+@pytest.mark.parametrize("linear_backend", ["aten", "onednn"])
 @pytest.mark.parametrize("mrar,grad_checkpointing", [(False, False), (True, False), (False, True)])
-def test_lean_training_step_is_bit_identical(mrar, grad_checkpointing):
-    loss_ref, grads_ref, calls_ref = loss_grads_and_calls(tiny(mrar, grad_checkpointing))
-    model = tiny(mrar, grad_checkpointing, lean=True)
+def test_lean_training_step_is_bit_identical(mrar, grad_checkpointing, linear_backend):
+    loss_ref, grads_ref, calls_ref = loss_grads_and_calls(tiny(mrar, grad_checkpointing,
+                                                               linear_backend=linear_backend))
+    model = tiny(mrar, grad_checkpointing, lean=True, linear_backend=linear_backend)
     loss, grads, calls = loss_grads_and_calls(model)
     blocks = len(model.encoder_blocks), len(model.diffdecoder.net.res_blocks) * model.num_stages
     runs = 2 if grad_checkpointing else 1  # checkpointing recomputes
-    assert calls_ref == {"dropout_attention": 0, "dropout": 0}
+    assert calls_ref == {"dropout_attention": 0, "dropout": 0, "gelu_dropout_linear": 0}
     assert calls == {"dropout_attention": (blocks[0] + 2 * blocks[1]) * runs,  # self- (and cross-) attention
-                     "dropout": (3 * blocks[0] + 4 * blocks[1]) * runs}  # attention outputs and the MLP's two
+                     "dropout": (2 * blocks[0] + 3 * blocks[1]) * runs,  # attention outputs, the MLP's output
+                     "gelu_dropout_linear": sum(blocks) * runs}  # the MLP's hidden layer
     assert torch.equal(loss, loss_ref)
     assert grads.keys() == grads_ref.keys()
     for name, grad in grads_ref.items():

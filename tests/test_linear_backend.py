@@ -1,4 +1,4 @@
-"""util.linear_backend: the linear layers' float32 CPU products in oneDNN against torch's own (`nn.Linear`).
+"""models.linear_backend: the linear layers' float32 CPU products in oneDNN against torch's own (`nn.Linear`).
 
 oneDNN sums in another order than MKL, so results agree to float32 rounding; everything else (parameters, state
 dict, fallbacks) is exact.
@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
+from models.linear_backend import LINEAR_BACKENDS, OneDNNLinear, set_linear_backend
 from tiny_runs import LABELS, loss_and_grads, tiny_model
-from util.linear_backend import LINEAR_BACKENDS, OneDNNLinear, set_linear_backend
 
 
 def linear_pair(bias: bool, in_features: int = 96, out_features: int = 160):

@@ -4,16 +4,16 @@
 `resolve_args(args)` is the settings step, the only code that writes into `args`: it applies the preset,
 decides the device, derives the absolute learning rate and rejects inconsistent combinations with a
 `SettingsError` that says what to change. Choices come from the registries (`TRANSDIFF_MODELS`,
-`SAMPLERS`, `TOKENIZERS`, `SAMPLING_PRESETS`, `EVAL_METRICS`, `LINEAR_BACKENDS`), never from lists kept here.
+`SAMPLERS`, `TOKENIZERS`, `SAMPLING_PRESETS`, `EVAL_METRICS`, `LINEAR_BACKEND_CHOICES`), never from lists kept here.
 """
 import argparse
 
+from models.linear_backend import LINEAR_BACKEND_CHOICES, check_linear_backend, resolve_linear_backend
 from models.samplers import DEFAULT_SAMPLER, SAMPLERS
 from models.tokenizers import TOKENIZERS, check_tokenizer_settings
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util.eval_metrics import DEFAULT_METRICS, EVAL_METRICS
-from util.linear_backend import LINEAR_BACKENDS, check_linear_backend
 from util.lr_sched import SCHEDULES, absolute_lr
 from util.presets import SAMPLING_PRESETS, apply_preset
 
@@ -122,11 +122,12 @@ def get_args_parser():
                             "its float32 noise, and attention recomputes its weights there instead of keeping\n"
                             "three float32 copies; the same values and gradients bit for bit, several GiB less at\n"
                             "TransDiff-B batch 2 x 4. Off by default; no effect on CUDA, in bf16/fp16 or in sampling")
-    group.add_argument("--linear_backend", default="aten", choices=LINEAR_BACKENDS,
+    group.add_argument("--linear_backend", default="aten", choices=LINEAR_BACKEND_CHOICES,
                        help="CPU only: the library of the linear layers' float32 products. aten (default): torch's\n"
                             "BLAS (MKL), bit-identical to the original; onednn: oneDNN, which uses AVX-512 where MKL\n"
                             "does not (AMD CPUs: about 2x the matrix-product speed), sums in another order\n"
-                            "(about 1e-6 relative); checkpoints are the same")
+                            "(about 1e-6 relative); auto: onednn on a CPU with AVX-512, else aten (on AVX2 oneDNN\n"
+                            "is slower). Checkpoints are the same")
 
     add_tokenizer_args(parser)
     add_data_args(parser)
@@ -264,6 +265,7 @@ def resolve_args(args):
         raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
         raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
+    args.linear_backend = resolve_linear_backend(args.linear_backend, args.device)
     try:
         check_linear_backend(args.linear_backend, args.device)
     except ValueError as error:

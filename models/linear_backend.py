@@ -4,10 +4,13 @@
   original's arithmetic, bit for bit.
 * ``onednn``: the forward product and both backward products through oneDNN
   (`torch.ops.mkldnn._linear_pointwise`), float32 in and out, float32 accumulation. oneDNN chooses its kernels
-  by the instruction sets the CPU reports; MKL chooses by vendor and runs its AVX2 kernels on AMD CPUs. On this
-  project's AMD EPYC (AVX-512) a TransDiff-B sized product runs at about 100 GFLOP/s in MKL and 160-220 GFLOP/s
+  by the instruction sets the CPU reports; MKL chooses by vendor and runs its AVX2 kernels on AMD CPUs. On an
+  AMD EPYC with AVX-512 (Zen 5) a TransDiff-B sized product runs at about 100 GFLOP/s in MKL and 160-220 GFLOP/s
   in oneDNN on one thread. Results differ from MKL's by the summation order (about 1e-6 relative). IPEX's
   `ipex.optimize` makes the same substitution for float32 CPU training.
+* ``auto`` (a choice of the flag, `resolve_linear_backend`): ``onednn`` on a CPU with AVX-512, ``aten`` elsewhere.
+  On AVX2 CPUs both libraries run AVX2 code at about the same speed forward, and oneDNN's backward products are
+  slower (24-44 GFLOP/s against MKL's 43-59 on this project's AVX2 machine).
 
 The switch changes the class of the model's `nn.Linear` instances in place (`OneDNNLinear` is a subclass with the
 same parameters), so state dicts, checkpoints and optimizers are unaffected. Layers fall back to `nn.Linear` for
@@ -21,8 +24,10 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 LINEAR_BACKENDS = ("aten", "onednn")
+LINEAR_BACKEND_CHOICES = (*LINEAR_BACKENDS, "auto")  # auto: `resolve_linear_backend`
 
 
 @torch.library.custom_op("transdiff::onednn_linear", mutates_args=())
@@ -75,12 +80,37 @@ def _onednn_linear_backward(ctx, grad):
 onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_save_for_backward)
 
 
+def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   backend: str) -> torch.Tensor:
+    """x [M, K] times weight [N, K] transposed, plus bias [N] -> [M, N], as `backend`'s layers compute it."""
+    return onednn_linear(x, weight, bias) if backend == "onednn" else F.linear(x, weight, bias)
+
+
+def linear_grads(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, x_grad: bool, weight_grad: bool,
+                 backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of `linear_product`'s x [M, K] and weight [N, K] from grad [M, N] (an empty tensor for one
+    not asked for), bit for bit as `backend`'s layers compute them: for aten, autograd's formulas for
+    `F.linear` (grad·weight and gradᵀ·x)."""
+    if backend == "onednn":
+        return onednn_linear_grads(grad, x, weight, x_grad, weight_grad)
+    return (grad.mm(weight) if x_grad else grad.new_empty(0),  # [M, K]
+            grad.t().mm(x) if weight_grad else grad.new_empty(0))  # [N, K]
+
+
+def float32_cpu_backend(layer: nn.Linear, x: torch.Tensor) -> Optional[str]:
+    """The backend (`LINEAR_BACKENDS`) whose products `layer` computes `x` with, where that is a float32 CPU
+    product (`linear_product`): float32 input and weight on CPU, outside autocast, not empty; else None."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or layer.weight.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu") or x.numel() == 0):
+        return None
+    return "onednn" if isinstance(layer, OneDNNLinear) else "aten"
+
+
 class OneDNNLinear(nn.Linear):
     """`nn.Linear` whose float32 CPU products run in oneDNN; anything else runs as `nn.Linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or torch.is_autocast_enabled("cpu") or x.numel() == 0):
+        if float32_cpu_backend(self, x) is None:
             return super().forward(x)
         out = onednn_linear(x.reshape(-1, self.in_features), self.weight, self.bias)  # [M, N]
         return out.view(*x.shape[:-1], self.out_features)  # [..., N]
@@ -98,6 +128,17 @@ def check_linear_backend(backend: str, device_type: Optional[str] = None) -> Non
                          "leave it at aten (on CUDA, --tf32 is the faster float32)")
     if not torch.backends.mkldnn.is_available():
         raise ValueError("--linear_backend onednn: this torch build has no oneDNN; use aten")
+
+
+def resolve_linear_backend(choice: str, device_type: str = "cpu") -> str:
+    """One of `LINEAR_BACKENDS` for a `LINEAR_BACKEND_CHOICES` entry. ``auto`` is ``onednn`` on a CPU with AVX-512
+    (where MKL may run AVX2 code: AMD) and a torch with oneDNN, else ``aten``: on AVX2 CPUs oneDNN's float32
+    products are no faster than MKL's, and its backward products slower (a TransDiff-B decoder block's training
+    step took 12 % longer on this project's AVX2 machine)."""
+    if choice != "auto":
+        return choice
+    avx512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return "onednn" if device_type == "cpu" and avx512 and torch.backends.mkldnn.is_available() else "aten"
 
 
 def set_linear_backend(model: nn.Module, backend: str) -> int:
