@@ -16,17 +16,21 @@ from util.optim import EMA
 pytestmark = pytest.mark.compile
 
 
-def build(mrar=False, grad_checkpointing=False, dropout=0.0, cpu_switches=False):
-    """cpu_switches: `--linear_backend onednn` and `--lean_dropout`, as `benchmarks/compare.py`'s fast path."""
+CPU_SWITCHES = {  # --linear_backend and --lean_dropout: benchmarks/compare.py's fast path with AVX-512, and without
+    "none": ("aten", False), "onednn_lean": ("onednn", True), "aten_lean": ("aten", True)}
+
+
+def build(mrar=False, grad_checkpointing=False, dropout=0.0, cpu_switches="none"):
     model = tiny_model(mrar, grad_checkpointing, dropout, dropout)
-    set_linear_backend(model, "onednn" if cpu_switches else "aten")
-    set_lean_dropout(model, cpu_switches)
+    linear_backend, lean_dropout = CPU_SWITCHES[cpu_switches]
+    set_linear_backend(model, linear_backend)
+    set_lean_dropout(model, lean_dropout)
     return model
 
 
 @pytest.mark.parametrize("mrar,grad_checkpointing,dropout,cpu_switches", [
-    (False, False, 0.0, False), (False, True, 0.1, False), (True, False, 0.1, False), (False, False, 0.1, True),
-    (True, True, 0.1, True)])
+    (False, False, 0.0, "none"), (False, True, 0.1, "none"), (True, False, 0.1, "none"),
+    (False, False, 0.1, "onednn_lean"), (True, True, 0.1, "onednn_lean"), (False, False, 0.1, "aten_lean")])
 def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout, cpu_switches):
     """With dropout too: on CPU the compiled blocks draw eager's masks (`compile_blocks`). The oneDNN linear and
     lean dropout ops compile inside the blocks' single graphs (fullgraph), against the plain eager model."""
@@ -41,8 +45,8 @@ def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout, 
         assert_close(grads_compiled[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("sampler,cfg,cpu_switches", [("maruyama", 1.5, False), ("euler", 1.0, False),
-                                                      ("maruyama", 1.5, True)])
+@pytest.mark.parametrize("sampler,cfg,cpu_switches", [("maruyama", 1.5, "none"), ("euler", 1.0, "none"),
+                                                      ("maruyama", 1.5, "onednn_lean")])
 def test_compiled_sampling_equals_eager(sampler, cfg, cpu_switches):
     eager, compiled = build().eval(), build(cpu_switches=cpu_switches).eval()
     compile_blocks(compiled)
