@@ -15,6 +15,16 @@ from models.transdiff import block_causal_mask
 from tiny_runs import LABELS, loss_and_grads, tiny_model
 
 
+def recording_saved_bytes(saved):
+    """Saved-tensor hooks that record, in `saved` (None: nowhere), the bytes of every storage autograd keeps."""
+    def pack(tensor):
+        if saved is not None:
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+
+
 def qkv(queries, keys, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, 3, queries, 8, generator=g)
@@ -26,12 +36,7 @@ def run_attention(lean, queries, keys, mask, saved_bytes=None):
     q, k, v = qkv(queries, keys)
     torch.manual_seed(3)  # the dropout draws
 
-    def pack(tensor):
-        if saved_bytes is not None:
-            saved_bytes[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with recording_saved_bytes(saved_bytes):
         out = (dropout_attention(q, k, v, mask, 0.25)[0] if lean
                else F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.25))
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
@@ -56,13 +61,9 @@ def test_keeps_the_mask_not_the_weights():
 
 
 def saved_bytes_and_results(lean, x, p, saved):
-    def pack(tensor):
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     x = x.clone().requires_grad_(True)
     torch.manual_seed(3)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with recording_saved_bytes(saved):
         out = dropout(x, p)[0] if lean else F.dropout(x, p)
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
     return out, x.grad
@@ -84,13 +85,8 @@ def mlp_tail(fused, hidden, layer, saved=None):
     """fc2(dropout(GELU(hidden))) and the gradients of hidden and fc2's parameters, fused or not."""
     hidden = hidden.detach().clone().requires_grad_(hidden.requires_grad)
 
-    def pack(tensor):
-        if saved is not None:
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     torch.manual_seed(3)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with recording_saved_bytes(saved):
         out = mlp_output(hidden, 0.3, layer) if fused else layer(F.dropout(F.gelu(hidden), 0.3))
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
     grads = [hidden.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad]
