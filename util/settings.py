@@ -119,9 +119,10 @@ def get_args_parser():
                             "compile (logged); checkpoints are the same as eager ones")
     group.add_argument("--lean_dropout", action="store_true",
                        help="CPU float32 training: every dropout keeps its mask as bool for the backward pass, not\n"
-                            "its float32 noise, and attention recomputes its weights there instead of keeping\n"
-                            "three float32 copies; the same values and gradients bit for bit, several GiB less at\n"
-                            "TransDiff-B batch 2 x 4. Off by default; no effect on CUDA, in bf16/fp16 or in sampling")
+                            "its float32 noise, attention recomputes its weights there instead of keeping three\n"
+                            "float32 copies, and the MLP recomputes its second layer's input from the GELU's input;\n"
+                            "the same values and gradients bit for bit, several GiB less at TransDiff-B batch 2 x 4.\n"
+                            "Off by default; no effect on CUDA, in bf16/fp16 or in sampling")
     group.add_argument("--linear_backend", default="aten", choices=LINEAR_BACKEND_CHOICES,
                        help="CPU only: the library of the linear layers' float32 products. aten (default): torch's\n"
                             "BLAS (MKL), bit-identical to the original; onednn: oneDNN, which uses AVX-512 where MKL\n"
