@@ -16,6 +16,13 @@ from util.optim import EMA
 pytestmark = pytest.mark.compile
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Start every test from an empty dynamo cache. A block's compiled graphs are cached per code object
+    (`EncoderBlock.forward`, ...), so the graphs of earlier tests' models (other grad modes, other linear
+    classes) would add up towards dynamo's recompile limit (8), which fullgraph turns into a hard failure."""
+    torch._dynamo.reset()
+
 CPU_SWITCHES = {  # --linear_backend and --lean_dropout: benchmarks/compare.py's fast path with AVX-512, and without
     "none": ("aten", False), "onednn_lean": ("onednn", True), "aten_lean": ("aten", True)}
 
