@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import preloaded
 import pytest
 import torch
 from test_pipeline import ENV, EVAL, REPO_ROOT, TINY, eval_folder, pngs, run, write_image_folder
@@ -26,11 +27,14 @@ def data(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("data"))
 
 
-def command(args, nproc=1, max_restarts=0):
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        f"--max-restarts={max_restarts}"]
-    return [*launcher, "main.py", *map(str, args)]
+def launch(args, nproc=1, max_restarts=0, **popen):
+    """Start main.py (forked from the preloading server, or under torchrun with `nproc` processes), text output."""
+    argv = ["main.py", *map(str, args)]
+    if nproc == 1:
+        return preloaded.start(argv, ENV, **popen)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                f"--max-restarts={max_restarts}"]
+    return subprocess.Popen([*torchrun, *argv], cwd=REPO_ROOT, env=ENV, text=True, **popen)
 
 
 def assert_same_weights(a_dir, b_dir):
@@ -56,8 +60,8 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, 
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     run([*args, "--output_dir", straight], nproc=nproc)
     kwargs = dict(start_new_session=True) if nproc > 1 else {}
-    process = subprocess.Popen(command([*args, "--output_dir", stopped], nproc), cwd=REPO_ROOT, env=ENV,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    process = launch([*args, "--output_dir", stopped], nproc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                     **kwargs)
     for line in process.stdout:
         if "at epoch 1, batch" in line and "saved" in line:
             (os.killpg(process.pid, signal.SIGTERM) if nproc > 1 else process.send_signal(signal.SIGTERM))
@@ -116,9 +120,8 @@ def test_repeated_kills_lose_nothing_and_end_bit_identical(tmp_path, data):
     kills = during_write = 0
     while kills < target:
         in_write = kills % 3 == 0
-        process = subprocess.Popen(command([*args, "--output_dir", killed]), cwd=REPO_ROOT, env=ENV,
-                                   stdout=subprocess.DEVNULL if in_write else subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
+        process = launch([*args, "--output_dir", killed],
+                         stdout=subprocess.DEVNULL if in_write else subprocess.PIPE, stderr=subprocess.STDOUT)
         if in_write:
             assert kill_during_write(process, killed), "the run finished before the campaign did"
         else:
@@ -138,8 +141,8 @@ def test_elastic_restart_after_a_killed_worker_ends_bit_identical(tmp_path, data
     args = [*FAST, "--data_path", data, "--epochs", 6]
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     run([*args, "--output_dir", straight], nproc=2)
-    process = subprocess.Popen(command([*args, "--output_dir", elastic], nproc=2, max_restarts=1), cwd=REPO_ROOT,
-                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = launch([*args, "--output_dir", elastic], nproc=2, max_restarts=1, stdout=subprocess.PIPE,
+                     stderr=subprocess.STDOUT)
     killed = False
     lines = []
     for line in process.stdout:

@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import preloaded
 import pytest
 import torch
 import torch_fidelity
 from PIL import Image
+from preloaded import REPO_ROOT
 
 from models.samplers import DEFAULT_SAMPLER
 from util.checkpoint import load_checkpoint
@@ -20,7 +22,6 @@ from util.metrics import save_reference_statistics, statistics_from_folder
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("ants", "bees", "cats")
 IMAGES_PER_CLASS = 8
 TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
@@ -45,11 +46,14 @@ def write_image_folder(root: Path, size: int = 20) -> Path:
 
 
 def run(args, nproc=1, check=True, script="main.py", timeout=300):
-    """Run `script` (plain python, or torchrun with `nproc` CPU processes) and return the CompletedProcess."""
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    result = subprocess.run([*launcher, script, *map(str, args)], cwd=REPO_ROOT, env=ENV, capture_output=True,
-                            text=True, timeout=timeout)
+    """Run `script` (`python script`, forked from the preloading server, or torchrun with `nproc` CPU processes)
+    and return the CompletedProcess."""
+    if nproc == 1:
+        result = preloaded.run([script, *map(str, args)], ENV, timeout)
+    else:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        result = subprocess.run([*torchrun, script, *map(str, args)], cwd=REPO_ROOT, env=ENV, capture_output=True,
+                                text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nSTDOUT\n{result.stdout[-4000:]}\n"
                              f"STDERR\n{result.stderr[-4000:]}")
@@ -151,9 +155,8 @@ def test_killed_evaluation_resumes_without_duplicates(tmp_path, trained):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     slow = [*TINY, "--resume", trained, *EVAL, "--num_images", 96, "--num_sampling_steps", 60]
     run([*slow, "--output_dir", reference])
-    command = [sys.executable, "main.py", *map(str, [*slow, "--output_dir", killed])]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = preloaded.start(["main.py", *map(str, [*slow, "--output_dir", killed])], ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # Evidence, not a timer: the kill comes once 8 images exist, and the run still has 88 to make.
     while process.poll() is None and len(list(killed.glob("*_evaluate/*.png"))) < 8:
         time.sleep(0.01)
@@ -251,8 +254,7 @@ def test_cached_latents_then_training(tmp_path, data):
 @pytest.fixture(scope="module")
 def mrar_index(tmp_path_factory, data):
     index = tmp_path_factory.mktemp("mrar_index") / "index.jsonl"
-    subprocess.run([sys.executable, "tools/build_mrar_index.py", "--data_path", str(data), "--out", str(index)],
-                   cwd=REPO_ROOT, env=ENV, check=True, capture_output=True)
+    run(["--data_path", data, "--out", index], script="tools/build_mrar_index.py")
     return index
 
 
