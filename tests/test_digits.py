@@ -250,6 +250,7 @@ def test_cli_scores_a_sample_folder(digits_root, classifier_report, val_set, tmp
     assert 0.8 < metrics["spread_ratio"] < 1.2
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("entry", [["tools/digits_metrics.py"], ["-m", "tools.digits_metrics"]])
 def test_cli_runs_as_script_and_module(entry):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}

@@ -252,6 +252,7 @@ def test_in_memory_batches_match_folder_features(inception_weights, noise_featur
         torch.testing.assert_close(value, noise_features[name][:4], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_compute_fid_is_end_to_end(tmp_path, inception_weights, folders, noise_features, smooth_statistics):
     own_stats, other_stats = tmp_path / "noise.npz", tmp_path / "smooth.npz"
     noise = metrics.statistics_from_features(noise_features[metrics.FEATURE_FID])
@@ -271,6 +272,7 @@ def test_compute_fid_is_end_to_end(tmp_path, inception_weights, folders, noise_f
     assert from_features["inception_score"] == pytest.approx(result["inception_score"], rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_matches_torch_fidelity_calculate_metrics(inception_weights, folders, noise_features, smooth_statistics):
     expected = torch_fidelity.calculate_metrics(
         input1=str(folders["noise"]), input2=str(folders["smooth"]), cuda=False, isc=True, fid=True,
@@ -320,6 +322,7 @@ def test_write_adm_npz_mixed_sizes_leaves_no_file(tmp_path):
 # tools/make_fid_stats.py
 
 
+@pytest.mark.e2e
 def test_make_fid_stats_script_on_imagefolder(tmp_path, inception_weights):
     _write_pngs(tmp_path / "data" / "class_a", _noise_images(seed=14, count=2, size=20))
     _write_pngs(tmp_path / "data" / "class_b", _smooth_images(seed=15, count=1, size=30))

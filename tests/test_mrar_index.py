@@ -85,6 +85,7 @@ def test_bad_arguments_raise(tmp_path):
         build_mrar_index(str(root), str(tmp_path / "x.jsonl"), mode="nearest", features={})
 
 
+@pytest.mark.e2e
 def test_cli_writes_an_index_that_mrar_dataset_reads(tmp_path):
     _folder(tmp_path / "data" / "train", {"a": 4, "b": 5})
     repo = Path(__file__).resolve().parents[1]
