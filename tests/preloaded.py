@@ -16,6 +16,7 @@ processes.
 Layout: the server (this file, run as a script) forks one monitor per launch; the monitor forks the script's
 process, reports its pid, waits for it and reports its exit code (negative for a signal, as `subprocess`), each
 as a line on the launch's socket connection. Server and monitors are single-threaded, so every fork is clean.
+The server ends when the tests' process does, however it ends (EOF on the server's stdin).
 """
 import atexit
 import importlib
@@ -23,6 +24,7 @@ import json
 import os
 import runpy
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,13 +94,16 @@ class Launched:
 class _Server:
     def __init__(self, env: dict):
         self.env = env
-        self.socket_path = os.path.join(tempfile.mkdtemp(prefix="preloaded-"), "socket")
+        folder = tempfile.mkdtemp(prefix="preloaded-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        self.socket_path = os.path.join(folder, "socket")
+        # The server ends when its stdin reaches EOF: when these tests end, however they end.
         self.process = subprocess.Popen([sys.executable, __file__, self.socket_path], cwd=REPO_ROOT, env=env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         ready = self.process.stdout.readline()
         if ready != "ready\n":
             raise RuntimeError(f"the preloading server did not start (exit {self.process.wait()})")
-        atexit.register(self.process.kill)
+        atexit.register(self.process.stdin.close)
 
     def launch(self, args: list[str], env: dict, stdout_fd: int, stderr_fd: int) -> socket.socket:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -168,6 +173,8 @@ def _serve(socket_path: str) -> tuple[dict, list[int]]:
     listener.listen(64)
     print("ready", flush=True)
     while True:
+        if sys.stdin in select.select([listener, sys.stdin], [], [])[0]:
+            os._exit(0)  # the tests have ended (their end of the pipe is closed)
         connection, _ = listener.accept()
         message, fds, _, _ = socket.recv_fds(connection, 1 << 16, 2)
         while not message.endswith(b"\n"):
@@ -204,6 +211,8 @@ def _monitor(connection: socket.socket, request: dict, fds: list[int]) -> tuple[
 
 def _run_as_main(request: dict, fds: list[int]) -> None:
     """Become `python <argv...>` (the interpreter then exits as it would, with the script's exit code)."""
+    with open(os.devnull) as devnull:
+        os.dup2(devnull.fileno(), 0)
     for target, fd in zip((1, 2), fds):
         os.dup2(fd, target)
     for fd in set(fds):

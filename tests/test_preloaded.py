@@ -68,3 +68,9 @@ def test_a_started_script_streams_its_output_and_can_be_killed(script):
 def test_a_different_openmp_setting_is_refused(script):
     with pytest.raises(ValueError, match="OMP_NUM_THREADS='2' differs"):
         preloaded.run([script, "report"], {**ENV, "OMP_NUM_THREADS": "2"}, timeout=60)
+
+
+def test_the_server_ends_with_the_tests_that_started_it():
+    server = preloaded._Server(ENV)
+    server.process.stdin.close()  # what the tests' exit, or their death, does
+    assert server.process.wait(timeout=30) == 0
