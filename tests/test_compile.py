@@ -23,6 +23,7 @@ def fresh_compiler():
     classes) would add up towards dynamo's recompile limit (8), which fullgraph turns into a hard failure."""
     torch._dynamo.reset()
 
+
 CPU_SWITCHES = {  # --linear_backend and --lean_dropout: benchmarks/compare.py's fast path with AVX-512, and without
     "none": ("aten", False), "onednn_lean": ("onednn", True), "aten_lean": ("aten", True)}
 
