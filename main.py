@@ -96,11 +96,17 @@ def check_classes(dataset, args):
                             f"{args.class_num}: pass --class_num {len(classes)}")
 
 
+# The files a training run writes atomically in its --output_dir. Only their temporary files are its to remove:
+# an evaluation may be writing metrics.json or its image folder there at the same time.
+TRAINING_RUN_FILES = ("checkpoint-*", "args.json", "log.jsonl")
+
+
 def start_training_run(args, logger, start_epoch):
     """Clean what an interrupted run left and keep the logs free of epochs that will be trained again."""
-    removed, size = remove_stale_temp_files(args.output_dir, "checkpoint-*")
-    if removed:
-        logger.info(f"removed {removed} temporary file(s) ({size / 2**20:.1f} MiB) of interrupted checkpoint saves")
+    removed = [remove_stale_temp_files(args.output_dir, name) for name in TRAINING_RUN_FILES]
+    count, size = sum(files for files, _ in removed), sum(size for _, size in removed)
+    if count:
+        logger.info(f"removed {count} temporary file(s) ({size / 2**20:.1f} MiB) of interrupted saves")
     dropped = truncate_json_lines(os.path.join(args.output_dir, "log.jsonl"), lambda r: r["epoch"] < start_epoch)
     if dropped:
         logger.info(f"log.jsonl: dropped {dropped} record(s) of epochs from {start_epoch} on, which run again")

@@ -1,10 +1,12 @@
 """util.checkpoint and util.run_state: atomic save, safe load, resume lookup, weight selection, finetune adaptation."""
 import argparse
+import logging
 import os
 
 import pytest
 import torch
 
+import main
 from models.transdiff import TRANSDIFF_MODELS
 from util import checkpoint as ck
 from util import run_state
@@ -68,6 +70,17 @@ def test_atomic_write_gives_normal_permissions_and_cleans_up_on_error(tmp_path):
         atomic_write(str(tmp_path / "a.bin"), fail)
     assert _listing(tmp_path) == ["a.bin"]
     assert (tmp_path / "a.bin").read_bytes() == b"abc"
+
+
+def test_a_training_start_removes_the_temporary_files_of_its_own_killed_writes_only(tmp_path):
+    """A SIGKILL inside any atomic write of a training run (a checkpoint, args.json, a log.jsonl rewrite) leaves a
+    temporary file; the next start removes those. An evaluation's (metrics.json) may be a live writer's: kept."""
+    left = [".checkpoint-last.pth.a1.tmp", ".args.json.b2.tmp", ".log.jsonl.c3.tmp", ".metrics.json.d4.tmp"]
+    for name in left:
+        (tmp_path / name).write_bytes(b"partial")
+    logger = logging.getLogger("test_training_start")
+    main.start_training_run(argparse.Namespace(output_dir=str(tmp_path)), logger, start_epoch=0)
+    assert _listing(tmp_path) == [".metrics.json.d4.tmp", "args.json"]
 
 
 def test_load_original_format_with_namespace_args(tmp_path):

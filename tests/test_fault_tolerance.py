@@ -98,7 +98,8 @@ def kill_after_saves(process, saves: int, delay: float) -> bool:
 
 
 def kill_during_write(process, folder) -> bool:
-    """SIGKILL `process` while a checkpoint's temporary file exists in `folder`; False if it finished first."""
+    """SIGKILL `process` while one of its temporary files (a checkpoint's, args.json's, ...) exists in `folder`;
+    False if it finished first."""
     deadline = time.time() + 60
     while process.poll() is None and not temp_files(folder):
         assert time.time() < deadline, "no checkpoint write within 60 s"
@@ -134,7 +135,7 @@ def test_repeated_kills_lose_nothing_and_end_bit_identical(tmp_path, data):
     result = run([*args, "--output_dir", killed], timeout=600)
     assert temp_files(killed) == []
     assert_same_weights(straight, killed)
-    print(f"{kills} kills, {during_write} during a checkpoint write;", result.returncode)
+    print(f"{kills} kills, {during_write} during a write of the run's files;", result.returncode)
 
 
 def test_elastic_restart_after_a_killed_worker_ends_bit_identical(tmp_path, data):
