@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.lean_dropout import applies as lean_dropout_applies
-from models.lean_dropout import dropout_attention, fuses_mlp_output, mlp_output
+from models.lean_dropout import dropout_attention, mlp_fusion_backend, mlp_output
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
@@ -40,8 +40,8 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class Mlp(nn.Module):
     """Linear -> exact GELU -> dropout -> Linear -> dropout.
 
-    With `lean_dropout` (`--lean_dropout`), where `models.lean_dropout.fuses_mlp_output`, the GELU, the first
-    dropout and `fc2` run as one op that keeps fc1's output and the mask (the same values).
+    With `lean_dropout` (`--lean_dropout`), where `models.lean_dropout.mlp_fusion_backend` names a backend, the
+    GELU, the first dropout and `fc2` run as one op that keeps fc1's output and the mask (the same values).
     """
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
@@ -54,8 +54,9 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)  # [..., F]
-        if self.lean_dropout and self.training and fuses_mlp_output(hidden, self.drop.p, self.fc2):
-            return self.drop(mlp_output(hidden, self.drop.p, self.fc2))  # [..., D]
+        backend = mlp_fusion_backend(hidden, self.drop.p, self.fc2) if self.lean_dropout and self.training else None
+        if backend is not None:
+            return self.drop(mlp_output(hidden, self.drop.p, self.fc2, backend))  # [..., D]
         return self.drop(self.fc2(self.drop(self.act(hidden))))  # [..., D]
 
 

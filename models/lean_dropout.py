@@ -190,16 +190,15 @@ def applies(x: torch.Tensor, p: float) -> bool:
     return 0.0 < p < 1.0 and x.device.type == "cpu" and x.dtype == torch.float32 and torch.is_grad_enabled()
 
 
-def fuses_mlp_output(hidden: torch.Tensor, p: float, output_layer: nn.Linear) -> bool:
-    """Whether `mlp_output` computes an MLP's GELU -> dropout -> `output_layer` for `hidden`: where the lean ops
-    apply and the layer computes `hidden` with float32 CPU products."""
-    return applies(hidden, p) and float32_cpu_backend(output_layer, hidden) is not None
+def mlp_fusion_backend(hidden: torch.Tensor, p: float, output_layer: nn.Linear) -> Optional[str]:
+    """The linear backend with which `mlp_output` computes an MLP's GELU -> dropout -> `output_layer` for
+    `hidden`: where the lean ops apply and the layer computes `hidden` with float32 CPU products; else None."""
+    return float32_cpu_backend(output_layer, hidden) if applies(hidden, p) else None
 
 
-def mlp_output(hidden: torch.Tensor, p: float, output_layer: nn.Linear) -> torch.Tensor:
+def mlp_output(hidden: torch.Tensor, p: float, output_layer: nn.Linear, backend: str) -> torch.Tensor:
     """`output_layer(F.dropout(F.gelu(hidden), p))` [..., D] of hidden [..., F] by `gelu_dropout_linear`, which
-    keeps hidden and the mask (where `fuses_mlp_output`)."""
-    backend = float32_cpu_backend(output_layer, hidden)
+    keeps hidden and the mask; `backend` is `mlp_fusion_backend`'s answer."""
     out = gelu_dropout_linear(hidden, p, output_layer.weight, output_layer.bias, backend)[0]  # [M, D]
     return out.view(*hidden.shape[:-1], output_layer.out_features)  # [..., D]
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.lean_dropout import LeanDropout, dropout, dropout_attention, mlp_output, set_lean_dropout
+from models.lean_dropout import (
+    LeanDropout,
+    dropout,
+    dropout_attention,
+    mlp_fusion_backend,
+    mlp_output,
+    set_lean_dropout,
+)
 from models.linear_backend import OneDNNLinear, set_linear_backend
 from models.transdiff import block_causal_mask
 from tiny_runs import LABELS, loss_and_grads, tiny_model
@@ -87,7 +94,8 @@ def mlp_tail(fused, hidden, layer, saved=None):
 
     torch.manual_seed(3)
     with recording_saved_bytes(saved):
-        out = mlp_output(hidden, 0.3, layer) if fused else layer(F.dropout(F.gelu(hidden), 0.3))
+        out = (mlp_output(hidden, 0.3, layer, mlp_fusion_backend(hidden, 0.3, layer)) if fused
+               else layer(F.dropout(F.gelu(hidden), 0.3)))
     out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)))
     grads = [hidden.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad]
     layer.zero_grad(set_to_none=True)
