@@ -1,6 +1,6 @@
 """Two executions of TransDiff side by side: training and sampling throughput, peak memory, output difference.
 
-    python benchmarks/compare.py              # faithful vs fast, TransDiff-B, CPU, 1 thread (about 17 min, 2 cores)
+    python benchmarks/compare.py              # faithful vs fast, TransDiff-B, CPU, 1 thread (17-26 min, 2 cores)
     python benchmarks/compare.py --model transdiff_tiny --img_size 32 --vae_stride 2 --rounds 1    # seconds
     bash benchmarks/gpu.sh                    # eager vs compiled, TransDiff-B and -L, CUDA, bf16
 
@@ -8,10 +8,13 @@ The executions (`VARIANTS`, chosen with `--pair A,B`):
 
 * `faithful`: the original's way: the condition projected for every diffusion copy in training and, in sampling,
   the encoder once per image and the condition's keys/values again at every step (`models.reference`); AdamW
-  with torch's default implementation for the device (a per-parameter loop on CPU); a per-parameter EMA loop.
+  with torch's default implementation for the device (a per-parameter loop on CPU); a per-parameter EMA loop;
+  torch's default CPU allocation (4 KiB pages).
 * `eager`: this project's default: keys/values once per sample and shared by its copies, the encoder once per
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
-  the multi-tensor EMA update.
+  the multi-tensor EMA update; torch's CPU tensors of 2 MiB and more on transparent huge pages
+  (`THP_MEM_ALLOC_ENABLE=1`, which `main.py` sets).
+* `faithful_huge`: `faithful` with those huge pages: what the allocator setting alone does to the original's way.
 * `onednn`: `eager` with `--linear_backend onednn` (the linear layers' float32 products in oneDNN,
   `models.linear_backend`; a CPU setting, so on CUDA `onednn` is `eager` and `fast` is `eager` compiled).
 * `fast`: `eager` with `--linear_backend auto` (oneDNN on CPUs with AVX-512, torch's BLAS elsewhere), `--compile`
@@ -67,19 +70,22 @@ class Variant(NamedTuple):
     grad_checkpointing: bool
     linear_backend: str        # models.linear_backend: a LINEAR_BACKEND_CHOICES entry
     lean_dropout: bool         # models.lean_dropout
+    huge_pages: bool           # THP_MEM_ALLOC_ENABLE for the process, as main.py sets it
 
 
 VARIANTS = {
     "faithful": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
-                        linear_backend="aten", lean_dropout=False),
+                        linear_backend="aten", lean_dropout=False, huge_pages=False),
+    "faithful_huge": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
+                             linear_backend="aten", lean_dropout=False, huge_pages=True),
     "eager": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
-                     linear_backend="aten", lean_dropout=False),
+                     linear_backend="aten", lean_dropout=False, huge_pages=True),
     "onednn": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
-                      linear_backend="onednn", lean_dropout=False),
+                      linear_backend="onednn", lean_dropout=False, huge_pages=True),
     "fast": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False,
-                    linear_backend="auto", lean_dropout=True),
+                    linear_backend="auto", lean_dropout=True, huge_pages=True),
     "lean": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True,
-                    linear_backend="auto", lean_dropout=True),
+                    linear_backend="auto", lean_dropout=True, huge_pages=True),
 }
 
 
@@ -260,7 +266,8 @@ def spawn(args, worker: str, variant: str, tmp: str) -> dict:
     command = [sys.executable, __file__, "--worker", worker, "--variant", variant, "--latents", latents,
                *forwarded_flags(args)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor-cache")}
+           "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor-cache"),
+           "THP_MEM_ALLOC_ENABLE": "1" if VARIANTS[variant].huge_pages else "0"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
