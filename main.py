@@ -8,8 +8,8 @@ import json
 import os
 
 # Before torch allocates: its CPU allocator asks Linux for transparent huge pages for tensors of 2 MiB and more,
-# one page fault per 2 MiB instead of per 4 KiB (a fast CPU training step at TransDiff-B: 0.6-0.9 M faults and
-# 37 s without, 30-85 k and 31 s with; README, Benchmarks). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
+# one page fault per 2 MiB instead of per 4 KiB (a fast CPU training step at TransDiff-B: 0.1-0.8 M faults
+# without, 40-120 k with, and 1-10% faster; README, Benchmarks). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import random
