@@ -26,6 +26,7 @@ from models.tokenizers import TOKENIZERS, build_tokenizer
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util import run_state
+from util.cpu_memory import keep_freed_memory
 from util.crops import train_transform
 from util.data_order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
@@ -214,4 +215,5 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()  # the process's freed CPU memory is reused, not faulted in again (util.cpu_memory)
     cli()

@@ -9,12 +9,13 @@ The executions (`VARIANTS`, chosen with `--pair A,B`):
 * `faithful`: the original's way: the condition projected for every diffusion copy in training and, in sampling,
   the encoder once per image and the condition's keys/values again at every step (`models.reference`); AdamW
   with torch's default implementation for the device (a per-parameter loop on CPU); a per-parameter EMA loop;
-  torch's default CPU allocation (4 KiB pages).
+  torch's and glibc's default CPU allocation (4 KiB pages; freed blocks go back to the kernel).
 * `eager`: this project's default: keys/values once per sample and shared by its copies, the encoder once per
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
-  the multi-tensor EMA update; torch's CPU tensors of 2 MiB and more on transparent huge pages
-  (`THP_MEM_ALLOC_ENABLE=1`, which `main.py` sets).
-* `faithful_huge`: `faithful` with those huge pages: what the allocator setting alone does to the original's way.
+  the multi-tensor EMA update; `main.py`'s CPU memory settings: torch's CPU tensors of 2 MiB and more on
+  transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`) and freed memory kept for the next tensors
+  (`util.cpu_memory.keep_freed_memory`).
+* `faithful_memory`: `faithful` with those CPU memory settings: what they alone do to the original's way.
 * `onednn`: `eager` with `--linear_backend onednn` (the linear layers' float32 products in oneDNN,
   `models.linear_backend`; a CPU setting, so on CUDA `onednn` is `eager` and `fast` is `eager` compiled).
 * `fast`: `eager` with `--linear_backend auto` (oneDNN on CPUs with AVX-512, torch's BLAS elsewhere), `--compile`
@@ -70,22 +71,22 @@ class Variant(NamedTuple):
     grad_checkpointing: bool
     linear_backend: str        # models.linear_backend: a LINEAR_BACKEND_CHOICES entry
     lean_dropout: bool         # models.lean_dropout
-    huge_pages: bool           # THP_MEM_ALLOC_ENABLE for the process, as main.py sets it
+    main_memory: bool          # main.py's CPU memory settings: THP_MEM_ALLOC_ENABLE and keep_freed_memory
 
 
 VARIANTS = {
     "faithful": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
-                        linear_backend="aten", lean_dropout=False, huge_pages=False),
-    "faithful_huge": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
-                             linear_backend="aten", lean_dropout=False, huge_pages=True),
+                        linear_backend="aten", lean_dropout=False, main_memory=False),
+    "faithful_memory": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
+                               linear_backend="aten", lean_dropout=False, main_memory=True),
     "eager": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
-                     linear_backend="aten", lean_dropout=False, huge_pages=True),
+                     linear_backend="aten", lean_dropout=False, main_memory=True),
     "onednn": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
-                      linear_backend="onednn", lean_dropout=False, huge_pages=True),
+                      linear_backend="onednn", lean_dropout=False, main_memory=True),
     "fast": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False,
-                    linear_backend="auto", lean_dropout=True, huge_pages=True),
+                    linear_backend="auto", lean_dropout=True, main_memory=True),
     "lean": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True,
-                    linear_backend="auto", lean_dropout=True, huge_pages=True),
+                    linear_backend="auto", lean_dropout=True, main_memory=True),
 }
 
 
@@ -239,11 +240,14 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
 def run_worker(args) -> None:
     import torch
 
+    from util.cpu_memory import keep_freed_memory
     from util.distributed import resolve_device_type
 
     torch.set_num_threads(args.threads)
     device = torch.device(resolve_device_type(args.device))
     variant = VARIANTS[args.variant]
+    if variant.main_memory:
+        keep_freed_memory()
     if args.worker == "train":
         result = train_worker(args, variant, device)
     else:
@@ -267,7 +271,7 @@ def spawn(args, worker: str, variant: str, tmp: str) -> dict:
                *forwarded_flags(args)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
            "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor-cache"),
-           "THP_MEM_ALLOC_ENABLE": "1" if VARIANTS[variant].huge_pages else "0"}
+           "THP_MEM_ALLOC_ENABLE": "1" if VARIANTS[variant].main_memory else "0"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
