@@ -7,7 +7,7 @@ A training step frees and allocates the same large activations again, so every s
 anew, each one zeroed by the kernel. A `fast` CPU training step at TransDiff-B (huge pages on) had 17-52
 thousand page faults and 0.5-1.3 s of system time a step with glibc's defaults; with `keep_freed_memory`, after
 the first steps had grown the heap, at most a few hundred and 0.01-0.06 s, and the steps were 5-8% shorter at a
-0.16 GiB lower peak (README, Benchmarks).
+0.16 GiB lower peak (README: Training, CPU memory).
 
 `main.py` calls `keep_freed_memory` when it starts. glibc's own settings in the environment (`MALLOC_MMAP_MAX_`,
 `MALLOC_TRIM_THRESHOLD_`, `MALLOC_MMAP_THRESHOLD_`, `MALLOC_TOP_PAD_`, or `glibc.malloc` tunables in
