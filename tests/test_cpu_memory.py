@@ -10,12 +10,13 @@ are process-wide, so each check runs main.py's entry in a fresh process (`python
   once two of them have merged), then serves it without faults.
 """
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from util.cpu_memory import runs_on_glibc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,8 +56,7 @@ print("FAULTS", *(faults_of_a_new_tensor() for _ in range(12)))
 
 THP_SUPPORTED = Path("/sys/kernel/mm/transparent_hugepage").is_dir()
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="Linux with glibc only")
+pytestmark = pytest.mark.skipif(not runs_on_glibc(), reason="glibc (Linux) only")
 
 
 def probe(**environment):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
@@ -26,6 +25,14 @@ M_MMAP_MAX = -4
 NEVER_TRIM = 2 ** 31 - 1  # the largest value mallopt takes (an int)
 
 GLIBC_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+
+def runs_on_glibc() -> bool:
+    """Whether this process runs on glibc, as the running C library itself says (not guessed from a binary)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no os.confstr (Windows), or a C library without the name
+        return False
 
 
 def environment_sets_malloc() -> bool:
@@ -39,7 +46,7 @@ def keep_freed_memory() -> bool:
     that freed memory is reused without page faults. Process-wide and for the rest of its life; the peak stays
     that of the live tensors plus the heaps' fragmentation. Returns whether it applied: False with another C
     library than glibc, and where `environment_sets_malloc`."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or environment_sets_malloc():
+    if not runs_on_glibc() or environment_sets_malloc():
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
