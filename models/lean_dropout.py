@@ -3,8 +3,8 @@
 On CPU, torch's dropout keeps its float32 noise for the backward pass (4 bytes per element), and
 `F.scaled_dot_product_attention` with dropout runs its math path, which keeps, for every attention weight, the
 softmax output, the noise and the dropped weights (12 bytes), besides scaled copies of the queries and keys.
-The ops here compute the same forwards, op for op (the same values and the same draws from torch's generator),
-but keep the mask as bool (1 byte per element):
+The ops here compute the same forwards, op for op (the same values and the same draws from torch's generator,
+made by `models.bernoulli_draws`), but keep the mask as bool (1 byte per element):
 
 * `dropout`: x times the noise; the backward multiplies by the noise rebuilt from the mask.
 * `dropout_attention`: keeps q, k, v and the mask; its backward recomputes the weights from q and k, as flash
@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.bernoulli_draws import dropout_draws
 from models.linear_backend import float32_cpu_backend, linear_grads, linear_product
 
 
@@ -45,13 +46,8 @@ def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Te
     return torch._safe_softmax(scores, -1), root_scale
 
 
-def _dropout_noise(like: torch.Tensor, p: float) -> torch.Tensor:
-    """torch's CPU dropout noise for a tensor like `like`: 0 or 1/(1-p), drawn as `F.dropout` draws it."""
-    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
-
-
 def _noise_from_mask(kept: torch.Tensor, dtype: torch.dtype, p: float) -> torch.Tensor:
-    """The noise of `_dropout_noise` rebuilt from its bool mask, value for value."""
+    """The noise of `dropout_draws` rebuilt from its bool mask, value for value."""
     return kept.to(dtype).div_(1 - p)
 
 
@@ -60,8 +56,8 @@ def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: O
                       dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention output [B, H, L, E] and the kept weights (bool [B, H, L, S]) of q [B, H, L, E], k, v [B, H, S, E]."""
     weights, _ = _attention_weights(q, k, mask)
-    noise = _dropout_noise(weights, dropout_p)  # [B, H, L, S]
-    return (weights * noise) @ v, noise.ne(0)
+    noise, kept = dropout_draws(weights, dropout_p)  # [B, H, L, S]
+    return (weights * noise) @ v, kept
 
 
 @dropout_attention.register_fake
@@ -106,8 +102,8 @@ dropout_attention.register_autograd(_backward, setup_context=_save_for_backward)
 @torch.library.custom_op("transdiff::dropout", mutates_args=())
 def dropout(x: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """`F.dropout(x, p)` in training, and its mask (bool, x's shape)."""
-    noise = _dropout_noise(x, p)
-    return x * noise, noise.ne(0)
+    noise, kept = dropout_draws(x, p)
+    return x * noise, kept
 
 
 @dropout.register_fake
@@ -134,9 +130,9 @@ def gelu_dropout_linear(hidden: torch.Tensor, p: float, weight: torch.Tensor, bi
     """`linear(F.dropout(F.gelu(hidden), p), weight, bias)` with `backend`'s products, hidden [..., F],
     weight [D, F] -> [M, D] (M rows: hidden flattened), and the dropout mask (bool [..., F])."""
     activated = F.gelu(hidden)  # [..., F]
-    noise = _dropout_noise(activated, p)
+    noise, kept = dropout_draws(activated, p)
     dropped = (activated * noise).reshape(-1, hidden.shape[-1])  # [M, F]
-    return linear_product(dropped, weight, bias, backend), noise.ne(0)
+    return linear_product(dropped, weight, bias, backend), kept
 
 
 @gelu_dropout_linear.register_fake
