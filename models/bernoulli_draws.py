@@ -93,8 +93,8 @@ def compiled_draw() -> Optional[Draw]:
         keep_prob = 1 - p
         threshold = math.ceil(Fraction(keep_prob) * 2 ** UNIFORM_BITS)  # kept: 53-bit integer < threshold
         scale = torch.ones((), dtype=like.dtype).div_(keep_prob).item()  # a kept element's noise, as torch's
+        noise = torch.empty(like.shape, dtype=like.dtype)  # then the mask: torch_noise_and_mask's order (lower peak)
         kept = torch.empty(like.shape, dtype=torch.bool)
-        noise = torch.empty(like.shape, dtype=like.dtype)
         buffer = torch.get_rng_state()
         state = _GeneratorState.from_buffer(buffer.numpy())
         draw_dropout(ctypes.addressof(state.legacy_pod.state),
