@@ -8,11 +8,12 @@ and writes the bool mask and the float32 noise together: under 1 ns an element. 
 MKL instead (other values), so there `dropout_draws` keeps torch's own kernel.
 
 The C file is compiled with the system C compiler (`$CC`, else `cc`, `gcc` or `clang`) into a temporary
-directory when the first draw needs it, once per process (about 0.1 s). It is used only after it has reproduced
-torch's own draws and generator state in this process; without a compiler, or where it does not reproduce
-torch (another generator, another state layout), `dropout_draws` is torch's kernel. The generator state is read
-and written through `torch.get_rng_state` and `torch.set_rng_state`, outside torch's generator lock: another
-thread drawing from torch's default CPU generator at the same moment could interleave with a draw.
+directory when the first draw needs it, once per process (0.15 s with the check against torch). It is used
+only after it has reproduced torch's own draws and generator state in this process; without a compiler, or
+where it does not reproduce torch (another generator, another state layout), `dropout_draws` is torch's
+kernel. The generator state is read and written through `torch.get_rng_state` and `torch.set_rng_state`,
+outside torch's generator lock: another thread drawing from torch's default CPU generator at the same moment
+could interleave with a draw.
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from models import bernoulli_draws
 from models.bernoulli_draws import (
     _GeneratorState,
     _reproduces_torch,
@@ -41,18 +40,18 @@ def twister_at_torchs_state():
 
 def reference_draw(numel, p):
     """torch's formula: per element, outputs a then b, uniform = ((a mod 2^21) 2^32 + b) 2^-53, kept if below 1-p;
-    returns the mask and numpy's state after the draw as torch's (words, left)."""
+    returns the mask and numpy's state after the draw as torch's (words, left, next)."""
     twister = twister_at_torchs_state()
     outputs = twister.random_raw(2 * numel).astype(np.uint64)
     integers = ((outputs[0::2] & np.uint64(0x1FFFFF)) << np.uint64(32)) | outputs[1::2]
     kept = integers.astype(np.float64) * 2.0 ** -53 < 1 - p
     after = twister.state["state"]
-    return torch.from_numpy(kept), (after["key"].astype(np.uint64), 625 - after["pos"])
+    return torch.from_numpy(kept), (after["key"].astype(np.uint64), 625 - after["pos"], after["pos"])
 
 
-def generator_words_and_left():
+def generator_words_left_and_next():
     legacy = _GeneratorState.from_buffer(torch.get_rng_state().numpy()).legacy_pod
-    return np.array(legacy.state, dtype=np.uint64), legacy.left
+    return np.array(legacy.state, dtype=np.uint64), legacy.left, legacy.next
 
 
 @pytest.mark.parametrize("numel", SIZES)
@@ -61,12 +60,12 @@ def generator_words_and_left():
 def test_compiled_draw_is_the_twister_and_torchs_formula(draw, numel, p, offset):
     torch.manual_seed(numel)
     torch.rand(offset)  # one output each
-    expected_kept, (expected_words, expected_left) = reference_draw(numel, p)
+    expected_kept, (expected_words, expected_left, expected_next) = reference_draw(numel, p)
     noise, kept = draw(torch.empty(numel), p)
-    words, left = generator_words_and_left()
+    words, left, next_word = generator_words_left_and_next()
     assert torch.equal(kept, expected_kept)
     assert torch.equal(noise, torch.where(kept, torch.ones(()).div_(1 - p), torch.zeros(())))
-    assert np.array_equal(words, expected_words) and left == expected_left
+    assert np.array_equal(words, expected_words) and (left, next_word) == (expected_left, expected_next)
 
 
 def torch_draws_from_the_twister():
@@ -107,7 +106,7 @@ def test_without_a_compiler_torchs_kernel_draws(monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     vectorised_draw.cache_clear()
     try:
-        assert bernoulli_draws.vectorised_draw() is None
+        assert vectorised_draw() is None
         torch.manual_seed(1)
         expected = torch_noise_and_mask(torch.empty(4000), 0.1)
         torch.manual_seed(1)
