@@ -75,6 +75,15 @@ def _compile(directory: str) -> Optional[ctypes.CDLL]:
 Draw = Callable[[torch.Tensor, float], Tuple[torch.Tensor, torch.Tensor]]
 
 
+@functools.cache
+def _threshold_and_scale(p: float, dtype: torch.dtype) -> Tuple[int, float]:
+    """For dropout p: the 53-bit integers below the threshold are kept, and a kept element's noise (1/(1-p) in
+    `dtype`, as torch computes it). Once per p, not at every draw."""
+    keep_prob = 1 - p
+    return (math.ceil(Fraction(keep_prob) * 2 ** UNIFORM_BITS),
+            torch.ones((), dtype=dtype).div_(keep_prob).item())
+
+
 def compiled_draw() -> Optional[Draw]:
     """`torch_noise_and_mask`'s counterpart from the C file, compiled now and not checked against torch (that is
     `vectorised_draw`'s part), for contiguous float32 CPU tensors; None without a working C compiler."""
@@ -91,9 +100,7 @@ def compiled_draw() -> Optional[Draw]:
                              ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
 
     def draw(like: torch.Tensor, p: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        keep_prob = 1 - p
-        threshold = math.ceil(Fraction(keep_prob) * 2 ** UNIFORM_BITS)  # kept: 53-bit integer < threshold
-        scale = torch.ones((), dtype=like.dtype).div_(keep_prob).item()  # a kept element's noise, as torch's
+        threshold, scale = _threshold_and_scale(p, like.dtype)
         noise = torch.empty(like.shape, dtype=like.dtype)  # then the mask: torch_noise_and_mask's order (lower peak)
         kept = torch.empty(like.shape, dtype=torch.bool)
         buffer = torch.get_rng_state()

@@ -29,9 +29,14 @@ def draw():
     return compiled
 
 
+def torchs_twister():
+    """The twister's fields of torch's default CPU generator state (a copy)."""
+    return _GeneratorState.from_buffer(torch.get_rng_state().numpy()).legacy_pod
+
+
 def twister_at_torchs_state():
     """numpy's MT19937 at torch's default CPU generator state (torch's `left` is 625 minus numpy's `pos`)."""
-    legacy = _GeneratorState.from_buffer(torch.get_rng_state().numpy()).legacy_pod
+    legacy = torchs_twister()
     twister = np.random.MT19937()
     twister.state = {"bit_generator": "MT19937",
                      "state": {"key": np.array(legacy.state, dtype=np.uint32), "pos": 625 - legacy.left}}
@@ -50,7 +55,7 @@ def reference_draw(numel, p):
 
 
 def generator_words_left_and_next():
-    legacy = _GeneratorState.from_buffer(torch.get_rng_state().numpy()).legacy_pod
+    legacy = torchs_twister()
     return np.array(legacy.state, dtype=np.uint64), legacy.left, legacy.next
 
 
