@@ -213,8 +213,7 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
                 "weights_digest": identity["weights_digest"], "sampler": args.sampler,
                 "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
                 "cfg_interval": args.cfg_interval, "scale_0": args.scale_0, "scale_1": args.scale_1,
-                "precision": resolve_precision(args.precision, device), "linear_backend": args.linear_backend,
-                "seed": args.seed,
+                "precision": resolve_precision(args.precision, device), "seed": args.seed,
                 "num_images": args.num_images, "images_per_class": args.num_images // args.class_num}
     for metric in metrics:
         settings.update(metric.sources())

@@ -6,12 +6,6 @@ This file only orchestrates: flags and validation are `util.settings`, saving an
 """
 import json
 import os
-
-# Before torch allocates: its CPU allocator asks Linux for transparent huge pages for tensors of 2 MiB and more,
-# one page fault per 2 MiB instead of per 4 KiB (a fast CPU training step at TransDiff-B: 0.1-0.8 M faults
-# without, 40-120 k with, and 1-10% faster; README, Benchmarks). THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import random
 import sys
 import time
@@ -20,13 +14,10 @@ import numpy as np
 import torch
 
 import engine_transdiff as engine
-from models.lean_dropout import set_lean_dropout
-from models.linear_backend import set_linear_backend
 from models.tokenizers import TOKENIZERS, build_tokenizer
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util import run_state
-from util.cpu_memory import keep_freed_memory
 from util.crops import train_transform
 from util.data_order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
@@ -182,8 +173,6 @@ def main(args):
 
     tokenizer = build_run_tokenizer(args, device)
     model = build_model(args).to(device)
-    set_linear_backend(model, args.linear_backend)  # before the EMA copy and compilation
-    set_lean_dropout(model, args.lean_dropout)
     if args.only_train_diff:
         for name, param in model.named_parameters():
             param.requires_grad_(name.startswith("diffdecoder."))
@@ -215,5 +204,4 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    keep_freed_memory()  # the process's freed CPU memory is reused, not faulted in again (util.cpu_memory)
     cli()

@@ -1,6 +1,6 @@
 """Two executions of TransDiff side by side: training and sampling throughput, peak memory, output difference.
 
-    python benchmarks/compare.py              # faithful vs fast, TransDiff-B, CPU, 1 thread (17-26 min, 2 cores)
+    python benchmarks/compare.py              # faithful vs eager, TransDiff-B, CPU, 1 thread (20-30 min, 2 cores)
     python benchmarks/compare.py --model transdiff_tiny --img_size 32 --vae_stride 2 --rounds 1    # seconds
     bash benchmarks/gpu.sh                    # eager vs compiled, TransDiff-B and -L, CUDA, bf16
 
@@ -8,20 +8,12 @@ The executions (`VARIANTS`, chosen with `--pair A,B`):
 
 * `faithful`: the original's way: the condition projected for every diffusion copy in training and, in sampling,
   the encoder once per image and the condition's keys/values again at every step (`models.reference`); AdamW
-  with torch's default implementation for the device (a per-parameter loop on CPU); a per-parameter EMA loop;
-  torch's and glibc's default CPU allocation (4 KiB pages; freed blocks go back to the kernel).
+  with torch's default implementation for the device (a per-parameter loop on CPU); a per-parameter EMA loop.
 * `eager`: this project's default: keys/values once per sample and shared by its copies, the encoder once per
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
-  the multi-tensor EMA update; `main.py`'s CPU memory settings: torch's CPU tensors of 2 MiB and more on
-  transparent huge pages (`THP_MEM_ALLOC_ENABLE=1`) and freed memory kept for the next tensors
-  (`util.cpu_memory.keep_freed_memory`).
-* `faithful_memory`: `faithful` with those CPU memory settings: what they alone do to the original's way.
-* `onednn`: `eager` with `--linear_backend onednn` (the linear layers' float32 products in oneDNN,
-  `models.linear_backend`; a CPU setting, so on CUDA `onednn` is `eager` and `fast` is `eager` compiled).
-* `fast`: `eager` with `--linear_backend auto` (oneDNN on CPUs with AVX-512, torch's BLAS elsewhere), `--compile`
-  (every encoder and decoder block compiled, `util.execution`) and `--lean_dropout` (dropout, attention and the
-  MLP's hidden layer keep only their inputs and masks for the backward pass, `models.lean_dropout`).
-* `lean`: `fast` with `--grad_checkpointing` (blocks recompute their activations in the backward pass).
+  the multi-tensor EMA update.
+* `compiled`: `eager` with `--compile` (every encoder and decoder block compiled, `util.execution`).
+* `checkpointed`: `compiled` with `--grad_checkpointing` (blocks recompute their activations in the backward pass).
 
 Each measurement runs in a process of its own, so that its peak memory is its own, and the two executions
 alternate round by round, so that a change in the machine's load hits both. The processes share the seeds: the
@@ -69,24 +61,13 @@ class Variant(NamedTuple):
     compiled: bool             # util.execution.compile_blocks
     project_optimizer: bool    # build_optimizer and EMA.update, else torch's default AdamW and a per-parameter EMA
     grad_checkpointing: bool
-    linear_backend: str        # models.linear_backend: a LINEAR_BACKEND_CHOICES entry
-    lean_dropout: bool         # models.lean_dropout
-    main_memory: bool          # main.py's CPU memory settings: THP_MEM_ALLOC_ENABLE and keep_freed_memory
 
 
 VARIANTS = {
-    "faithful": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
-                        linear_backend="aten", lean_dropout=False, main_memory=False),
-    "faithful_memory": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False,
-                               linear_backend="aten", lean_dropout=False, main_memory=True),
-    "eager": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
-                     linear_backend="aten", lean_dropout=False, main_memory=True),
-    "onednn": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False,
-                      linear_backend="onednn", lean_dropout=False, main_memory=True),
-    "fast": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False,
-                    linear_backend="auto", lean_dropout=True, main_memory=True),
-    "lean": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True,
-                    linear_backend="auto", lean_dropout=True, main_memory=True),
+    "faithful": Variant(shared_work=False, compiled=False, project_optimizer=False, grad_checkpointing=False),
+    "eager": Variant(shared_work=True, compiled=False, project_optimizer=True, grad_checkpointing=False),
+    "compiled": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=False),
+    "checkpointed": Variant(shared_work=True, compiled=True, project_optimizer=True, grad_checkpointing=True),
 }
 
 
@@ -117,11 +98,9 @@ class Meter:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
-def build_model(args, device, variant: Variant, **overrides):
+def build_model(args, device, **overrides):
     import torch
 
-    from models.lean_dropout import set_lean_dropout
-    from models.linear_backend import resolve_linear_backend, set_linear_backend
     from models.transdiff import TRANSDIFF_MODELS
 
     torch.manual_seed(SEED)
@@ -131,8 +110,6 @@ def build_model(args, device, variant: Variant, **overrides):
     # The zero-initialised output layer would make every velocity 0, every sample the same noise process in both
     # executions, and their comparison vacuous: small random weights, as a trained network has.
     torch.nn.init.normal_(model.diffdecoder.net.final_layer.linear.weight, std=0.02)
-    set_linear_backend(model, resolve_linear_backend(variant.linear_backend) if device.type == "cpu" else "aten")
-    set_lean_dropout(model, variant.lean_dropout)
     return model
 
 
@@ -152,7 +129,7 @@ def train_worker(args, variant: Variant, device) -> dict:
     from util.execution import wrap_model
     from util.optim import EMA, build_optimizer, param_groups_weight_decay
 
-    model = build_model(args, device, variant, diffusion_batch_mul=DIFFUSION_BATCH_MUL,
+    model = build_model(args, device, diffusion_batch_mul=DIFFUSION_BATCH_MUL,
                         grad_checkpointing=variant.grad_checkpointing).train()
     if not variant.shared_work:
         model.forward_loss = lambda *a, **k: per_copy_forward_loss(model, *a, **k)
@@ -201,7 +178,7 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
     from models.reference import per_image_samples
     from util.execution import compile_blocks
 
-    model = build_model(args, device, variant).eval()
+    model = build_model(args, device).eval()
     if variant.compiled:
         compile_blocks(model)
     labels = (torch.arange(batch) * 7 % 1000).to(device)
@@ -240,14 +217,11 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
 def run_worker(args) -> None:
     import torch
 
-    from util.cpu_memory import keep_freed_memory
     from util.distributed import resolve_device_type
 
     torch.set_num_threads(args.threads)
     device = torch.device(resolve_device_type(args.device))
     variant = VARIANTS[args.variant]
-    if variant.main_memory:
-        keep_freed_memory()
     if args.worker == "train":
         result = train_worker(args, variant, device)
     else:
@@ -270,8 +244,7 @@ def spawn(args, worker: str, variant: str, tmp: str) -> dict:
     command = [sys.executable, __file__, "--worker", worker, "--variant", variant, "--latents", latents,
                *forwarded_flags(args)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
-           "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor-cache"),
-           "THP_MEM_ALLOC_ENABLE": "1" if VARIANTS[variant].main_memory else "0"}
+           "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor-cache")}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode != 0 or not lines:
@@ -336,7 +309,7 @@ def drive(args) -> None:
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pair", default="faithful,fast", help=f"two of {', '.join(VARIANTS)}: first,second")
+    parser.add_argument("--pair", default="faithful,eager", help=f"two of {', '.join(VARIANTS)}: first,second")
     parser.add_argument("--model", default="transdiff_base")
     parser.add_argument("--img_size", default=256, type=int)
     parser.add_argument("--vae_stride", default=16, type=int)

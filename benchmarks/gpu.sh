@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 PYTHON=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(), torch.__version__)"
 for model in transdiff_base transdiff_large; do
-  "$PYTHON" benchmarks/compare.py --pair eager,fast --model "$model" --device cuda --precision bf16 --rounds 1 \
+  "$PYTHON" benchmarks/compare.py --pair eager,compiled --model "$model" --device cuda --precision bf16 --rounds 1 \
     --train_batch 32 --train_steps 10 --sample_batches 256 --sample_steps 10
 done

@@ -9,19 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.lean_dropout import applies as lean_dropout_applies
-from models.lean_dropout import dropout_attention, mlp_fusion_backend, mlp_output
 
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dropout_p: float,
-           lean: bool) -> torch.Tensor:
-    """softmax(q kᵀ/sqrt(E)) v with dropout: q [B, H, L, E], k, v [B, H, S, E] -> [B, H, L, E].
-
-    `lean` (`--lean_dropout`): where it applies, `models.lean_dropout.dropout_attention` (the same values; keeps
-    only the dropout mask for the backward pass); otherwise `F.scaled_dot_product_attention`.
-    """
-    if lean and lean_dropout_applies(q, dropout_p):
-        return dropout_attention(q, k, v, mask, dropout_p)[0]
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+           dropout_p: float) -> torch.Tensor:
+    """softmax(q kᵀ/sqrt(E)) v with dropout: q [B, H, L, E], k, v [B, H, S, E] -> [B, H, L, E]."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
@@ -38,11 +29,7 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 class Mlp(nn.Module):
-    """Linear -> exact GELU -> dropout -> Linear -> dropout.
-
-    With `lean_dropout` (`--lean_dropout`), where `models.lean_dropout.mlp_fusion_backend` names a backend, the
-    GELU, the first dropout and `fc2` run as one op that keeps fc1's output and the mask (the same values).
-    """
+    """Linear -> exact GELU -> dropout -> Linear -> dropout."""
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
@@ -50,13 +37,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
-        self.lean_dropout = False  # models.lean_dropout.set_lean_dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)  # [..., F]
-        backend = mlp_fusion_backend(hidden, self.drop.p, self.fc2) if self.lean_dropout and self.training else None
-        if backend is not None:
-            return self.drop(mlp_output(hidden, self.drop.p, self.fc2, backend))  # [..., D]
         return self.drop(self.fc2(self.drop(self.act(hidden))))  # [..., D]
 
 
@@ -71,7 +54,6 @@ class SelfAttention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.lean_dropout = False  # models.lean_dropout.set_lean_dropout
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -80,7 +62,7 @@ class SelfAttention(nn.Module):
         batch, length, width = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads)  # [B, L, 3, H, D/H]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, L, D/H]
-        out = attend(q, k, v, mask, self.attn_drop if self.training else 0.0, self.lean_dropout)  # [B, H, L, D/H]
+        out = attend(q, k, v, mask, self.attn_drop if self.training else 0.0)  # [B, H, L, D/H]
         return self.proj_drop(self.proj(merge_heads(out)))  # [B, L, D]
 
 
@@ -101,7 +83,6 @@ class CrossAttention(nn.Module):
         self.wk = nn.Linear(dim, dim, bias=qkv_bias)
         self.wv = nn.Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.lean_dropout = False  # models.lean_dropout.set_lean_dropout
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -115,8 +96,7 @@ class CrossAttention(nn.Module):
         if keys.shape[0] != x.shape[0]:
             raise ValueError(f"condition batch {keys.shape[0]} does not match token batch {x.shape[0]}")
         q = split_heads(self.wq(x), self.num_heads)  # [B, H, L, D/H]
-        out = attend(q, keys, values, None, self.attn_drop if self.training else 0.0,
-                     self.lean_dropout)  # [B, H, L, D/H]
+        out = attend(q, keys, values, None, self.attn_drop if self.training else 0.0)  # [B, H, L, D/H]
         return self.proj_drop(self.proj(merge_heads(out)))  # [B, L, D]
 
 

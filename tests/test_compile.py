@@ -7,8 +7,6 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from models.lean_dropout import set_lean_dropout
-from models.linear_backend import set_linear_backend
 from tiny_runs import LABELS, loss_and_grads, tiny_model
 from util.execution import compile_blocks, compiled_blocks, wrap_model
 from util.optim import EMA
@@ -24,26 +22,16 @@ def fresh_compiler():
     torch._dynamo.reset()
 
 
-CPU_SWITCHES = {  # --linear_backend and --lean_dropout: benchmarks/compare.py's fast path with AVX-512, and without
-    "none": ("aten", False), "onednn_lean": ("onednn", True), "aten_lean": ("aten", True)}
+def build(mrar=False, grad_checkpointing=False, dropout=0.0):
+    return tiny_model(mrar, grad_checkpointing, dropout, dropout)
 
 
-def build(mrar=False, grad_checkpointing=False, dropout=0.0, cpu_switches="none"):
-    model = tiny_model(mrar, grad_checkpointing, dropout, dropout)
-    linear_backend, lean_dropout = CPU_SWITCHES[cpu_switches]
-    set_linear_backend(model, linear_backend)
-    set_lean_dropout(model, lean_dropout)
-    return model
-
-
-@pytest.mark.parametrize("mrar,grad_checkpointing,dropout,cpu_switches", [
-    (False, False, 0.0, "none"), (False, True, 0.1, "none"), (True, False, 0.1, "none"),
-    (False, False, 0.1, "onednn_lean"), (True, True, 0.1, "onednn_lean"), (False, False, 0.1, "aten_lean")])
-def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout, cpu_switches):
-    """With dropout too: on CPU the compiled blocks draw eager's masks (`compile_blocks`). The oneDNN linear and
-    lean dropout ops compile inside the blocks' single graphs (fullgraph), against the plain eager model."""
+@pytest.mark.parametrize("mrar,grad_checkpointing,dropout", [
+    (False, False, 0.0), (False, True, 0.1), (True, False, 0.1), (True, True, 0.1)])
+def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout):
+    """With dropout too: on CPU the compiled blocks draw eager's masks (`compile_blocks`)."""
     eager = build(mrar, grad_checkpointing, dropout)
-    compiled = build(mrar, grad_checkpointing, dropout, cpu_switches)
+    compiled = build(mrar, grad_checkpointing, dropout)
     wrap_model(compiled, torch.device("cpu"), compile=True)
     loss_eager, grads_eager = loss_and_grads(eager)
     loss_compiled, grads_compiled = loss_and_grads(compiled)
@@ -53,10 +41,9 @@ def test_compiled_training_step_equals_eager(mrar, grad_checkpointing, dropout, 
         assert_close(grads_compiled[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("sampler,cfg,cpu_switches", [("maruyama", 1.5, "none"), ("euler", 1.0, "none"),
-                                                      ("maruyama", 1.5, "onednn_lean")])
-def test_compiled_sampling_equals_eager(sampler, cfg, cpu_switches):
-    eager, compiled = build().eval(), build(cpu_switches=cpu_switches).eval()
+@pytest.mark.parametrize("sampler,cfg", [("maruyama", 1.5), ("euler", 1.0)])
+def test_compiled_sampling_equals_eager(sampler, cfg):
+    eager, compiled = build().eval(), build().eval()
     compile_blocks(compiled)
     runs = [model.samples(LABELS, 4, cfg=cfg, sampler=sampler, cfg_interval=(0.3, 1.0),
                           generator=torch.Generator().manual_seed(5)) for model in (eager, compiled)]

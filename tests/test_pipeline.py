@@ -95,16 +95,13 @@ def trained(tmp_path_factory, data):
 
 # --------------------------------------------------------------------------------------------- training
 def test_ddp_training_keeps_ranks_identical_and_resumes_bit_exactly(tmp_path, data):
-    """With the CPU execution switches on: their custom ops under DDP's gradient hooks, the lean dropout's
-    draws in the resumed RNG stream."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    switches = ["--linear_backend", "onednn", "--lean_dropout"]
-    run([*TINY, *switches, "--data_path", data, "--output_dir", straight, "--epochs", 2], nproc=2)
-    run([*TINY, *switches, "--data_path", data, "--output_dir", resumed, "--epochs", 1], nproc=2)
+    run([*TINY, "--data_path", data, "--output_dir", straight, "--epochs", 2], nproc=2)
+    run([*TINY, "--data_path", data, "--output_dir", resumed, "--epochs", 1], nproc=2)
     first = load_state(resumed / "checkpoint-last.pth")
     assert first["epoch"] == 0
     assert len(first["rank_weight_digests"]) == 2 and len(set(first["rank_weight_digests"])) == 1
-    result = run([*TINY, *switches, "--data_path", data, "--output_dir", resumed, "--epochs", 2], nproc=2)
+    result = run([*TINY, "--data_path", data, "--output_dir", resumed, "--epochs", 2], nproc=2)
     assert "continuing at epoch 1" in result.stdout + result.stderr
 
     a, b = load_state(straight / "checkpoint-last.pth"), load_state(resumed / "checkpoint-last.pth")
@@ -202,7 +199,7 @@ def test_every_metric_and_every_setting_that_moves_it_in_the_record(tmp_path, tr
     reference, stats = write_reference(tmp_path, data, inception_weights)
     out = tmp_path / "eval"
     transdiff_main.cli([*TINY, "--resume", str(trained), "--output_dir", str(out), *EVAL,
-                        "--cfg_interval", "0.1,0.9", "--linear_backend", "onednn", "--metrics", "fid_is,kid,prc",
+                        "--cfg_interval", "0.1,0.9", "--metrics", "fid_is,kid,prc",
                         "--fid_stats", str(stats),
                         "--ref_images", str(reference), "--inception_weights", str(inception_weights),
                         "--prc_weights", str(tiny_vgg_weights), "--require_metrics"])
@@ -212,7 +209,7 @@ def test_every_metric_and_every_setting_that_moves_it_in_the_record(tmp_path, tr
     assert 0.0 <= record["prc_precision"] <= 1.0 and 0.0 <= record["prc_recall"] <= 1.0
     settings = {"ema": True, "sampler": DEFAULT_SAMPLER, "num_sampling_steps": 4, "cfg": 1.5,
                 "cfg_interval": [0.1, 0.9],
-                "scale_0": 1.0, "scale_1": 1.0, "precision": "fp32", "linear_backend": "onednn",
+                "scale_0": 1.0, "scale_1": 1.0, "precision": "fp32",
                 "num_images": 24, "images_per_class": 8,
                 "checkpoint": str(trained / "checkpoint-last.pth"),
                 "fid_stats": str(stats), "fid_stats_sha256": file_sha256(stats), "ref_images": str(reference),
@@ -221,8 +218,7 @@ def test_every_metric_and_every_setting_that_moves_it_in_the_record(tmp_path, tr
                 "torch_fidelity_version": torch_fidelity.__version__}
     assert {key: record.get(key) for key in settings} == settings
     log = (out / "log.txt").read_text()
-    for key in ("fid_stats_sha256", "torch_fidelity_version", "images_per_class", "precision", "linear_backend",
-                "sampler"):
+    for key in ("fid_stats_sha256", "torch_fidelity_version", "images_per_class", "precision", "sampler"):
         assert f"{key} {record[key]}" in log, key
 
 

@@ -115,25 +115,6 @@ def test_cuda_without_cuda_is_a_settings_error(monkeypatch):
         resolved([*TINY, "--device", "cuda"])
 
 
-def test_onednn_linear_backend_is_refused_off_cpu_and_without_onednn(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(SettingsError, match="--linear_backend onednn is for CPU runs"):
-        resolved([*TINY[:-6], "--linear_backend", "onednn"])  # no --device: CUDA
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    with pytest.raises(SettingsError, match="this torch build has no oneDNN; use aten"):
-        resolved([*TINY, "--linear_backend", "onednn"])
-    assert resolved(TINY).linear_backend == "aten"
-
-
-@pytest.mark.parametrize("capability,device,backend", [("AVX512", "cpu", "onednn"), ("AVX2", "cpu", "aten"),
-                                                       ("AVX512", "cuda", "aten")])
-def test_auto_linear_backend_is_onednn_only_on_avx512_cpus(monkeypatch, capability, device, backend):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    args = resolved([*TINY[:-6], "--device", device, "--linear_backend", "auto"])
-    assert args.linear_backend == backend  # what the evaluation record names
-
-
 def test_main_cache_takes_the_same_device_decision(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exited:

@@ -1,5 +1,5 @@
 """Tiny TransDiff training steps with every random draw fixed: the shared yardstick of the execution tests
-(`--compile`, `--linear_backend`, `--lean_dropout`), which compare a switched model against a plain one."""
+(`--compile`), which compare a compiled model against a plain one."""
 import torch
 
 from models.transdiff import transdiff_tiny

@@ -4,11 +4,10 @@
 `resolve_args(args)` is the settings step, the only code that writes into `args`: it applies the preset,
 decides the device, derives the absolute learning rate and rejects inconsistent combinations with a
 `SettingsError` that says what to change. Choices come from the registries (`TRANSDIFF_MODELS`,
-`SAMPLERS`, `TOKENIZERS`, `SAMPLING_PRESETS`, `EVAL_METRICS`, `LINEAR_BACKEND_CHOICES`), never from lists kept here.
+`SAMPLERS`, `TOKENIZERS`, `SAMPLING_PRESETS`, `EVAL_METRICS`), never from lists kept here.
 """
 import argparse
 
-from models.linear_backend import LINEAR_BACKEND_CHOICES, check_linear_backend, resolve_linear_backend
 from models.samplers import DEFAULT_SAMPLER, SAMPLERS
 from models.tokenizers import TOKENIZERS, check_tokenizer_settings
 from models.transdiff import TRANSDIFF_MODELS
@@ -117,18 +116,6 @@ def get_args_parser():
                        help="torch.compile every encoder and decoder block (inductor, one graph per block) for\n"
                             "training and sampling; CPU needs a C++ compiler. Off by default. The first steps\n"
                             "compile (logged); checkpoints are the same as eager ones")
-    group.add_argument("--lean_dropout", action="store_true",
-                       help="CPU float32 training: every dropout keeps its mask as bool for the backward pass, not\n"
-                            "its float32 noise, attention recomputes its weights there instead of keeping three\n"
-                            "float32 copies, and the MLP recomputes its second layer's input from the GELU's input;\n"
-                            "the same values and gradients bit for bit, several GiB less at TransDiff-B batch 2 x 4.\n"
-                            "Off by default; no effect on CUDA, in bf16/fp16 or in sampling")
-    group.add_argument("--linear_backend", default="aten", choices=LINEAR_BACKEND_CHOICES,
-                       help="CPU only: the library of the linear layers' float32 products. aten (default): torch's\n"
-                            "BLAS (MKL), bit-identical to the original; onednn: oneDNN, which uses AVX-512 where MKL\n"
-                            "does not (AMD CPUs: about 2x the matrix-product speed), sums in another order\n"
-                            "(about 1e-6 relative); auto: onednn on a CPU with AVX-512, else aten (on AVX2 oneDNN\n"
-                            "is slower). Checkpoints are the same")
 
     add_tokenizer_args(parser)
     add_data_args(parser)
@@ -266,11 +253,6 @@ def resolve_args(args):
         raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
         raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
-    args.linear_backend = resolve_linear_backend(args.linear_backend, args.device)
-    try:
-        check_linear_backend(args.linear_backend, args.device)
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
     if isinstance(args.cfg, list) and not args.mrar:
         raise SettingsError("a per-stage --cfg list needs --mrar")
     if args.bf16:
