@@ -2,49 +2,42 @@
 import math
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from models.noise import PerImageNoise
-from models.samplers import DEFAULT_SAMPLER
 from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
 from util import distributed as dist
-from util.datasets import cached_latent_path, write_cached_latent
+from util.data.datasets import cached_latent_path, write_cached_latent
 from util.errors import RunError
-from util.eval_layout import claim_folder, folder_name, image_class, image_path, image_seed, is_complete_png
-from util.eval_metrics import EVAL_METRICS
-from util.execution import parameter_digest
-from util.images import image_grid, to_uint8
+from util.eval.fidelity import MissingMetricFile
+from util.eval.images import image_grid, to_uint8
+from util.eval.layout import Evaluation, claim_folder, image_class, image_path, image_seed, is_complete_png
+from util.eval.npz_export import write_adm_npz
+from util.eval.registry import EVAL_METRICS, MetricSettings
+from util.execution.precision import autocast_context, decode_precision
+from util.execution.wrap import parameter_digest
 from util.io import append_json_record, remove_stale_temp_files, save_png
 from util.logger import MetricLogger, SmoothedValue
-from util.lr_sched import adjust_learning_rate
-from util.metrics import MissingMetricFile
-from util.npz_export import write_adm_npz
+from util.lr_sched import LrSchedule, adjust_learning_rate
 
 PRINT_FREQ = 20
+# Images per VAE decode call: the decoder's full-resolution activations grow with the batch and dominate an
+# evaluation's memory at --eval_bsz 256 (docs/gpu.md), so a batch is decoded in slices of this many.
+DECODE_CHUNK = 32
 
 
 class NonFiniteLoss(RunError):
     """Training stopped because the loss was NaN or infinite (no checkpoint is written after it)."""
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`--precision` on `device`: "auto" is fp16 on CUDA and fp32 elsewhere."""
-    if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def precision_context(precision: str, device: torch.device):
-    """A factory of autocast contexts: fp16 (CUDA default), bf16, or none (fp32, the CPU default)."""
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+def decode_images(tokenizer, latents: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], `DECODE_CHUNK` at a time, in the decode precision
+    (`util.execution.precision.decode_precision`: never float16)."""
+    with autocast_context(decode_precision(precision), device.type)():
+        return torch.cat([decode_from_latents(tokenizer, part) for part in latents.split(DECODE_CHUNK)])
 
 
 def batch_to_latents(batch, tokenizer, device, use_cached: bool):
@@ -60,7 +53,7 @@ def batch_to_latents(batch, tokenizer, device, use_cached: bool):
 
 def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context, writer,
                     logger, start_step=0, steps_per_epoch=None, after_optimizer_step=None):
-    """One pass over `loader` with the model of `execution` (`util.execution`); returns the epoch's averaged stats.
+    """One pass over `loader` with the model of `execution` (`util.execution.wrap`); returns the epoch's averaged stats.
 
     Gradients of `gradient_accumulation_steps` micro-batches are summed (Parity: the original does not
     divide the loss), gradients are synchronised only on the last micro-batch, then clip, step, EMA update.
@@ -71,12 +64,13 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
     execution.train_module.train()
     metrics = MetricLogger(print_fn=logger.info)
     metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
+    schedule = LrSchedule(args.lr, args.warmup_epochs, args.epochs, args.lr_schedule, args.min_lr)
     accumulation = args.gradient_accumulation_steps
     steps = steps_per_epoch or len(loader)
     optimizer.zero_grad(set_to_none=True)
     first_step_started = time.time() if execution.compiled and not execution.first_step_done else None
     for step, batch in enumerate(metrics.log_every(loader, PRINT_FREQ, f"Epoch: [{epoch}]"), start=start_step):
-        lr = adjust_learning_rate(optimizer, step / steps + epoch, args)
+        lr = adjust_learning_rate(optimizer, step / steps + epoch, schedule)
         latents, labels = batch_to_latents(batch, tokenizer, device, args.use_cached)
         sync = (step + 1) % accumulation == 0 or step + 1 == steps
         with execution.grad_sync(sync):
@@ -110,29 +104,16 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluation_identity(net, tokenizer, args, cfg, use_ema: bool) -> dict:
-    """Everything that determines the generated images: the weights themselves and every setting."""
-    return {"weights_digest": parameter_digest(net), "weights": "ema" if use_ema else "raw",
-            "tokenizer_digest": parameter_digest(tokenizer), "seed": args.seed, "model": args.model,
-            "mrar": args.mrar, "patch_size": args.patch_size, "img_size": args.img_size, "class_num": args.class_num,
-            "tokenizer": args.tokenizer, "vae_stride": args.vae_stride, "vae_embed_dim": args.vae_embed_dim,
-            "sampler": args.sampler, "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
-            "scale_0": args.scale_0, "scale_1": args.scale_1, "cfg_interval": args.cfg_interval,
-            "num_images": args.num_images,
-            "precision": args.precision}
-
-
-def evaluation_folder(args, epoch_label, cfg, use_ema: bool, identity: dict) -> str:
-    """The original's folder name (plus the sampler when it is not the default) and the identity's digest."""
-    cfg_name = ",".join(str(c) for c in cfg) if isinstance(cfg, list) else cfg
-    name = (f"epoch{epoch_label}-diffsteps{args.num_sampling_steps}-cfg{cfg_name}-image{args.num_images}-"
-            f"scale{args.scale_0}-{args.scale_1}")
-    if args.sampler != DEFAULT_SAMPLER:
-        name += f"-{args.sampler}"
-    name = folder_name(name, identity)
-    name += "_ema" if use_ema else ""
-    name += "_evaluate" if args.evaluate else ""
-    return os.path.join(args.output_dir, name)
+def evaluation_of(net, tokenizer, args, epoch_label: str, cfg, use_ema: bool, source: str) -> Evaluation:
+    """The `Evaluation` (`util.eval.layout`) of `net`'s weights under the run's settings."""
+    return Evaluation(
+        weights_digest=parameter_digest(net), tokenizer_digest=parameter_digest(tokenizer), ema=use_ema,
+        checkpoint=source, epoch=epoch_label, seed=args.seed, model=args.model, mrar=args.mrar,
+        patch_size=args.patch_size, img_size=args.img_size, class_num=args.class_num, tokenizer=args.tokenizer,
+        vae_stride=args.vae_stride, vae_embed_dim=args.vae_embed_dim, sampler=args.sampler,
+        num_sampling_steps=args.num_sampling_steps, cfg=cfg, scale_0=args.scale_0, scale_1=args.scale_1,
+        cfg_interval=args.cfg_interval, num_images=args.num_images, precision=args.precision,
+        standalone=args.evaluate)
 
 
 @torch.no_grad()
@@ -159,7 +140,7 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
             latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
                                   scale_0=args.scale_0, scale_1=args.scale_1, generator=noise,
                                   cfg_interval=args.cfg_interval)
-            images = decode_from_latents(tokenizer, latents)
+        images = decode_images(tokenizer, latents, args.precision, device)
         for path, pixels in zip(paths, to_uint8(images)):
             save_png(path, pixels)
         if generated:  # the first batch includes warm-up; time the rest, as the original
@@ -176,9 +157,12 @@ def build_metrics(args):
 
     A metric whose files are missing is skipped with its message, or raises with `--require_metrics`.
     """
+    settings = MetricSettings(img_size=args.img_size, num_images=args.num_images, class_num=args.class_num,
+                              fid_stats=args.fid_stats, inception_weights=args.inception_weights,
+                              ref_images=args.ref_images, prc_weights=args.prc_weights, digits_judge=args.digits_judge)
     metrics, skipped = [], {}
     for name in args.metrics:
-        metric = EVAL_METRICS[name](args)
+        metric = EVAL_METRICS[name](settings)
         try:
             metric.check()
         except MissingMetricFile as missing:
@@ -200,21 +184,16 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     net = ema.module if use_ema else model
     was_training = net.training
     net.eval()
-    identity = evaluation_identity(net, tokenizer, args, cfg, use_ema)
-    folder = evaluation_folder(args, epoch_label, cfg, use_ema, identity)
+    evaluation = evaluation_of(net, tokenizer, args, epoch_label, cfg, use_ema, source)
+    folder = evaluation.folder(args.output_dir)
     if dist.is_main_process():
         os.makedirs(folder, exist_ok=True)
-        claim_folder(folder, identity, {"source": source, "epoch": epoch_label, "args": vars(args)})
+        claim_folder(folder, evaluation.identity(), {"source": source, "epoch": epoch_label, "args": vars(args)})
         removed, _ = remove_stale_temp_files(folder)
         if removed:
             logger.info(f"removed {removed} temporary file(s) of an interrupted evaluation in {folder}")
     dist.barrier()
-    settings = {"epoch": epoch_label, "checkpoint": source, "ema": use_ema,
-                "weights_digest": identity["weights_digest"], "sampler": args.sampler,
-                "num_sampling_steps": args.num_sampling_steps, "cfg": cfg,
-                "cfg_interval": args.cfg_interval, "scale_0": args.scale_0, "scale_1": args.scale_1,
-                "precision": resolve_precision(args.precision, device), "seed": args.seed,
-                "num_images": args.num_images, "images_per_class": args.num_images // args.class_num}
+    settings = evaluation.record()
     for metric in metrics:
         settings.update(metric.sources())
     logger.info(f"evaluating into {folder}; settings that move the scores: "
@@ -273,7 +252,7 @@ def preview(net, tokenizer, args, epoch, device, context, writer) -> str:
     noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in range(len(labels)))
     with context():
         latents = net.samples(labels, args.preview_steps, cfg=args.cfg, sampler=PREVIEW_SAMPLER, generator=noise)
-        images = decode_from_latents(tokenizer, latents)  # [B, 3, H, W]
+    images = decode_images(tokenizer, latents, args.precision, device)  # [B, 3, H, W]
     net.train(was_training)
     grid = image_grid(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), args.preview_per_class, scale=1)
     pixels = np.asarray(grid)  # [H', W', 3]

@@ -2,7 +2,7 @@
 CPU or GPU. Accepts the original's flags (see README); `--help` groups and explains them.
 
 This file only orchestrates: flags and validation are `util.settings`, saving and restoring a run
-`util.run_state`, how the model runs `util.execution`, the loops `engine_transdiff`.
+`util.run_state`, how the model runs `util.execution.wrap`, the loops `engine_transdiff`.
 """
 import json
 import os
@@ -18,11 +18,12 @@ from models.tokenizers import TOKENIZERS, build_tokenizer
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util import run_state
-from util.crops import train_transform
-from util.data_order import ResumableSampler, SeededSamples, epoch_loader_seed
-from util.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
+from util.data.crops import train_transform
+from util.data.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
+from util.data.order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.errors import run_cli
-from util.execution import compile_blocks, wrap_model
+from util.execution.precision import autocast_context, configure_cuda_backends, uses_grad_scaler
+from util.execution.wrap import compile_blocks, wrap_model
 from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
 from util.logger import TensorboardWriter, create_logger
 from util.optim import EMA, build_grad_scaler, build_optimizer
@@ -53,7 +54,7 @@ def build_run_tokenizer(args, device):
 
 
 def build_train_loader(args, device):
-    """The training data in a resumable order: (dataset, sampler, loader); see `util.data_order`."""
+    """The training data in a resumable order: (dataset, sampler, loader); see `util.data.order`."""
     train_root = os.path.join(args.data_path, "train")
     if args.use_cached:
         dataset = CachedLatentFolder(args.cached_path, hflip=args.hflip)
@@ -111,11 +112,29 @@ def start_training_run(args, logger, start_epoch):
     write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
 
+def run_settings(args) -> run_state.RunSettings:
+    return run_state.RunSettings(
+        output_dir=args.output_dir, flags=dict(vars(args)), seed=args.seed, batch_size=args.batch_size,
+        accumulation_steps=args.gradient_accumulation_steps, resume=args.resume, load_step=args.load_step,
+        evaluate=args.evaluate, allow_random_weights=args.allow_random_weights, start_epoch=args.start_epoch,
+        save_every_steps=args.save_every_steps, save_every_minutes=args.save_every_minutes)
+
+
+def restore_replicas(run, model, ema, optimizer, scaler, logger) -> run_state.Restored:
+    """Restore the run's weights, then give every rank rank 0's model and EMA: each rank built its own random
+    initialisation (seeded seed + rank), so without this a run from scratch would average a different EMA on
+    every rank, and an online evaluation would sample two models."""
+    restored = run_state.restore(run, model, ema, optimizer, scaler, logger)
+    dist.broadcast_module(model)
+    dist.broadcast_module(ema.module)
+    return restored
+
+
 def train(args, model, ema, tokenizer, device, context, logger):
     optimizer = build_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
-    scaler = build_grad_scaler(args.precision == "fp16" or (args.precision == "auto" and device.type == "cuda"),
-                               device.type)
-    restored = run_state.restore(args, model, ema, optimizer, scaler, logger)
+    scaler = build_grad_scaler(uses_grad_scaler(args.precision), device.type)
+    run = run_settings(args)
+    restored = restore_replicas(run, model, ema, optimizer, scaler, logger)
     if restored.start_epoch > args.epochs:
         raise SettingsError(f"the run is already at epoch {restored.start_epoch - 1}, beyond --epochs {args.epochs}; "
                             "raise --epochs to train further")
@@ -130,7 +149,7 @@ def train(args, model, ema, tokenizer, device, context, logger):
     writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(),
                                purge_step=int((restored.start_epoch + restored.start_step / steps) * 1000))
     can_preview = args.preview_freq and not any(p.is_meta for p in tokenizer.parameters())
-    checkpoints = run_state.Checkpointer(args, execution, ema, optimizer, scaler, steps, logger)
+    checkpoints = run_state.Checkpointer(run, execution, ema, optimizer, scaler, steps, logger)
     logger.info(f"training epochs {restored.start_epoch}..{args.epochs - 1}" if restored.start_epoch < args.epochs
                 else f"nothing to train: the run already finished epoch {args.epochs - 1}")
     started = time.time()
@@ -164,7 +183,7 @@ def main(args):
     info = dist.init_distributed(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
     device = info.device
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+        configure_cuda_backends(args.tf32)
     os.makedirs(args.output_dir, exist_ok=True)
     logger = create_logger(args.output_dir)
     logger.info("command: " + " ".join(sys.argv))
@@ -184,10 +203,10 @@ def main(args):
         compile_blocks(ema.module)
         if args.evaluate:
             compile_blocks(model)
-    context = engine.precision_context(args.precision, device)
+    context = autocast_context(args.precision, device.type)
     try:
         if args.evaluate:
-            restored = run_state.restore(args, model, ema, None, None, logger)
+            restored = restore_replicas(run_settings(args), model, ema, None, None, logger)
             writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
             engine.evaluate(model, ema, tokenizer, args, restored.epoch_label, device, context, writer, logger,
                             cfg=args.cfg, use_ema=not args.eval_wo_ema, source=restored.path)

@@ -17,8 +17,8 @@ import torch
 from engine_transdiff import cache_latents
 from models.tokenizers import build_tokenizer
 from util import distributed as dist
-from util.crops import cache_transform
-from util.datasets import CACHE_CLASSES, ImageFolderWithChecks, cached_latent_path
+from util.data.crops import cache_transform
+from util.data.datasets import CACHE_CLASSES, ImageFolderWithChecks, cached_latent_path
 from util.errors import RunError, run_cli
 from util.io import remove_stale_temp_files, write_json
 from util.logger import create_logger

@@ -36,7 +36,7 @@ from digits.data import export_digits
 from digits.judge import load_digits_classifier, train_digits_classifier
 from digits.metric import HEADLINE_SCORES
 from digits.scores import score_samples
-from util.images import image_grid, read_generated_images, read_image_folder
+from util.eval.images import image_grid, read_generated_images, read_image_folder
 from util.io import atomic_write, write_json
 
 # The digits hold 8x8 source pixels. At 16 px a stride-2 token grid is 8x8 (64 tokens of 2x2x3 values), a quarter of

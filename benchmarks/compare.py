@@ -12,7 +12,7 @@ The executions (`VARIANTS`, chosen with `--pair A,B`):
 * `eager`: this project's default: keys/values once per sample and shared by its copies, the encoder once per
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
   the multi-tensor EMA update.
-* `compiled`: `eager` with `--compile` (every encoder and decoder block compiled, `util.execution`).
+* `compiled`: `eager` with `--compile` (every encoder and decoder block compiled, `util.execution.wrap`).
 * `checkpointed`: `compiled` with `--grad_checkpointing` (blocks recompute their activations in the backward pass).
 
 Each measurement runs in a process of its own, so that its peak memory is its own, and the two executions
@@ -126,7 +126,7 @@ def train_worker(args, variant: Variant, device) -> dict:
     import torch
 
     from models.reference import per_copy_forward_loss
-    from util.execution import wrap_model
+    from util.execution.wrap import wrap_model
     from util.optim import EMA, build_optimizer, param_groups_weight_decay
 
     model = build_model(args, device, diffusion_batch_mul=DIFFUSION_BATCH_MUL,
@@ -176,7 +176,7 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
 
     from models.noise import TorchNoise
     from models.reference import per_image_samples
-    from util.execution import compile_blocks
+    from util.execution.wrap import compile_blocks
 
     model = build_model(args, device).eval()
     if variant.compiled:

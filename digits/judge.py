@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from util.images import read_image_folder
+from util.eval.images import read_image_folder
 from util.io import atomic_write
 
 

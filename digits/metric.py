@@ -1,12 +1,11 @@
-"""The digits judge as an evaluation metric (``--metrics digits``, `util.eval_metrics`).
+"""The digits judge as an evaluation metric (``--metrics digits``, `util.eval.registry`).
 
-It scores an evaluation folder ``{index:05d}.png`` (classes in `util.eval_layout` order) with a judge trained
+It scores an evaluation folder ``{index:05d}.png`` (classes in `util.eval.layout` order) with a judge trained
 by ``digits.judge.train_digits_classifier`` against an ImageFolder split of real digits, and reports the
 headline scores of ``digits.scores.score_samples``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Dict
 
@@ -14,9 +13,9 @@ import torch
 
 from digits.judge import load_digits_classifier
 from digits.scores import score_samples
-from util.eval_metrics import file_source
-from util.images import read_generated_images, read_image_folder
-from util.metrics import MissingMetricFile
+from util.eval.fidelity import MissingMetricFile
+from util.eval.images import read_generated_images, read_image_folder
+from util.io import file_source
 
 HEADLINE_SCORES = ("class_consistency", "frechet_distance", "within_class_spread", "spread_ratio",
                    "per_class_accuracy", "num_samples")
@@ -46,10 +45,6 @@ class DigitsJudge:
         self.class_num = class_num
         self._judge = None
         self._reference = None  # (uint8 [M, 3, H, W], int64 [M])
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DigitsJudge:
-        return cls(args.digits_judge, args.ref_images, args.num_images, args.class_num)
 
     def check(self) -> None:
         """Load the judge and the reference images; raise MissingMetricFile or ValueError naming a bad file."""

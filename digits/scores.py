@@ -5,7 +5,7 @@ intended label, reference images by their true label.
 
 - ``class_consistency``: fraction of samples the judge assigns to their intended label (pixel space).
 - ``frechet_distance``: Frechet distance between Gaussian fits of sample and reference features, computed as
-  FID is (``util.metrics.statistics_from_features`` and ``util.metrics.frechet_distance``).
+  FID is (``util.eval.fidelity.statistics_from_features`` and ``util.eval.fidelity.frechet_distance``).
 - ``within_class_spread``: for each class, the mean Euclidean distance of its samples' features to that
   class's feature mean; then the unweighted mean over classes. ``spread_ratio`` = samples / reference: a set
   that collapses every class onto one image scores 0, a set as varied as real digits scores about 1.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from digits.judge import DigitsClassifier, predict, prepare_classifier_input
-from util.metrics import frechet_distance, statistics_from_features
+from util.eval.fidelity import frechet_distance, statistics_from_features
 
 
 def within_class_spread(features: torch.Tensor, labels: torch.Tensor) -> float:

@@ -45,8 +45,8 @@ def inception_weights(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tf_inception, "load_state_dict_from_url", lambda *args, **kwargs: None)
         patch.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *args, **kwargs: None)
-        from util import metrics
-        net = tf_inception.FeatureExtractorInceptionV3(metrics.INCEPTION_EXTRACTOR, list(metrics.INCEPTION_FEATURES))
+        from util.eval import fidelity
+        net = tf_inception.FeatureExtractorInceptionV3(fidelity.INCEPTION_EXTRACTOR, list(fidelity.INCEPTION_FEATURES))
     generator = torch.Generator().manual_seed(0)
     state_dict = {}
     for name, tensor in net.state_dict().items():

@@ -34,7 +34,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # What the scripts import, at their start or later (tensorboard: when a run opens its SummaryWriter).
-PRELOADED = ("main", "main_cache", "util.metrics", "util.eval_metrics", "torch.utils.tensorboard")
+PRELOADED = ("main", "main_cache", "util.eval.fidelity", "util.eval.registry", "torch.utils.tensorboard")
 SCRIPTS_AS_MODULES = ("main", "main_cache")  # imported for their imports only; each run executes its file anew
 NATIVE_START_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # read once, when torch loads OpenMP
 

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from tiny_runs import LABELS, loss_and_grads, tiny_model
-from util.execution import compile_blocks, compiled_blocks, wrap_model
+from util.execution.wrap import compile_blocks, compiled_blocks, wrap_model
 from util.optim import EMA
 
 pytestmark = pytest.mark.compile

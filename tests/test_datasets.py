@@ -1,4 +1,4 @@
-"""util.datasets and util.crops on tiny generated folders."""
+"""util.data.datasets and util.data.crops on tiny generated folders."""
 import json
 import os
 
@@ -7,13 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from util.crops import (
+from util.data.crops import (
     RandomSquareCrop,
     cache_transform,
     center_crop_arr,
     train_transform,
 )
-from util.datasets import (
+from util.data.datasets import (
     CachedLatentFolder,
     ImageFolderWithChecks,
     MRARDataset,

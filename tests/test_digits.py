@@ -1,6 +1,5 @@
 """The digits wing: the embedded export, its judge classifier, the scores and the `--metrics digits` metric."""
 
-import argparse
 import json
 import os
 import subprocess
@@ -17,10 +16,10 @@ from digits.judge import load_digits_classifier, prepare_classifier_input, train
 from digits.metric import HEADLINE_SCORES, DigitsJudge
 from digits.scores import score_samples, within_class_spread
 from tools import digits_metrics
-from util.eval_layout import image_class
-from util.eval_metrics import EVAL_METRICS
-from util.images import read_generated_images, read_image_folder
-from util.metrics import MissingMetricFile
+from util.eval.fidelity import MissingMetricFile
+from util.eval.images import read_generated_images, read_image_folder
+from util.eval.layout import image_class
+from util.eval.registry import EVAL_METRICS, MetricSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASS_NAMES = [str(d) for d in range(10)]
@@ -216,9 +215,9 @@ def test_metric_check_refuses_judge_of_other_class_count(classifier_report, digi
 
 def test_metric_computes_headline_scores_of_a_folder(classifier_report, digits_root, val_set, tmp_path):
     num_images = _write_class_major_samples(tmp_path / "samples", *val_set, per_class=10)
-    args = argparse.Namespace(digits_judge=classifier_report["path"], ref_images=str(digits_root / "val"),
-                              num_images=num_images, class_num=10)
-    metric = EVAL_METRICS["digits"](args)
+    settings = MetricSettings(img_size=16, num_images=num_images, class_num=10,
+                              digits_judge=classifier_report["path"], ref_images=str(digits_root / "val"))
+    metric = EVAL_METRICS["digits"](settings)
     assert isinstance(metric, DigitsJudge) and metric.name == "digits"
     metric.check()
     scores = metric.compute(str(tmp_path / "samples"), torch.device("cpu"))

@@ -22,8 +22,8 @@ from models.transdiff import TRANSDIFF_MODELS
 from models.vae import AutoencoderKL
 from tools import download
 from util.checkpoint import save_checkpoint
-from util.datasets import MRAR_GROUP_SIZE
-from util.metrics import DEFAULT_FID_STATS, save_reference_statistics
+from util.data.datasets import MRAR_GROUP_SIZE
+from util.eval.fidelity import DEFAULT_FID_STATS, save_reference_statistics
 from util.presets import SAMPLING_PRESETS
 from util.settings import get_args_parser
 

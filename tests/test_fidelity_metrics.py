@@ -1,11 +1,10 @@
-"""KID and precision/recall against a reference image set (util/metrics.py, util/eval_metrics.py).
+"""KID and precision/recall against a reference image set (util/eval/fidelity.py, util/eval/registry.py).
 
 Values are checked against torch-fidelity's own `calculate_metrics` on the same images. The Inception weights
 are the random-weight file of the `inception_weights` fixture (conftest.py). torchvision's VGG16 weights
 (528 MB) cannot be downloaded here, so precision/recall run torch-fidelity's `vgg16` extractor over a toy
 network of VGG16's layout (`TinyVGG`, patched in for `torchvision.models.vgg16` on both sides).
 """
-import argparse
 import os
 import zipfile
 
@@ -19,12 +18,13 @@ from torch_fidelity.feature_extractor_vgg16 import FeatureExtractorVGG16
 from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import DEFAULT_FEATURE_EXTRACTOR
 
-from util import eval_metrics, metrics
-from util.eval_metrics import (
+from util.eval import fidelity, registry
+from util.eval.registry import (
     EVAL_METRICS,
     FidInceptionScore,
     InceptionPass,
     KernelInceptionDistance,
+    MetricSettings,
     PrecisionRecall,
 )
 
@@ -68,7 +68,7 @@ def images(tmp_path_factory):
                                                     _ramp_images(seed=3, count=NUM_GENERATED - half)]))
     _write_pngs(root / "real", real)
     np.savez(root / "real.npz", arr_0=real, arr_1=np.arange(NUM_REAL))  # ADM's layout: images, labels
-    metrics.save_reference_statistics(root / "stats.npz", np.zeros(2048), np.eye(2048))
+    fidelity.save_reference_statistics(root / "stats.npz", np.zeros(2048), np.eye(2048))
     return {"generated": root / "generated", "real": root / "real", "npz": root / "real.npz",
             "stats": root / "stats.npz", "root": root}
 
@@ -81,15 +81,15 @@ def shared_run(images, inception_weights):
     the features it is given.
     """
     passes, fid_inputs = [], []
-    real_inception_features = eval_metrics.inception_features
+    real_inception_features = registry.inception_features
 
     def counted(image_dir, *args, **kwargs):
         passes.append((os.path.realpath(image_dir), tuple(kwargs["features"])))
         return real_inception_features(image_dir, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(eval_metrics, "inception_features", counted)
-        patch.setattr(eval_metrics, "metrics_from_features", lambda features, reference: fid_inputs.append(features)
+        patch.setattr(registry, "inception_features", counted)
+        patch.setattr(registry, "metrics_from_features", lambda features, reference: fid_inputs.append(features)
                       or {"fid": 0.0})
         inception = InceptionPass()
         fid_is = FidInceptionScore(str(images["stats"]), str(inception_weights), IMAGE_SIZE, inception=inception)
@@ -105,20 +105,19 @@ def shared_run(images, inception_weights):
 
 
 def test_registry_names_kid_and_prc(images):
-    args = argparse.Namespace(ref_images=str(images["npz"]), inception_weights=None, prc_weights=None,
-                              img_size=IMAGE_SIZE)
-    assert isinstance(EVAL_METRICS["kid"](args), KernelInceptionDistance)
-    assert isinstance(EVAL_METRICS["prc"](args), PrecisionRecall)
-    assert EVAL_METRICS["kid"](args).name == "kid" and EVAL_METRICS["prc"](args).name == "prc"
+    settings = MetricSettings(img_size=IMAGE_SIZE, num_images=4, class_num=2, ref_images=str(images["npz"]))
+    assert isinstance(EVAL_METRICS["kid"](settings), KernelInceptionDistance)
+    assert isinstance(EVAL_METRICS["prc"](settings), PrecisionRecall)
+    assert EVAL_METRICS["kid"](settings).name == "kid" and EVAL_METRICS["prc"](settings).name == "prc"
 
 
 def test_constants_are_torch_fidelity_defaults():
-    assert metrics.FEATURE_KID == FeatureExtractorInceptionV3.get_default_feature_layer_for_metric("kid")
-    assert metrics.FEATURE_KID == metrics.FEATURE_FID
-    assert DEFAULT_FEATURE_EXTRACTOR["kid"] == metrics.INCEPTION_EXTRACTOR
-    assert DEFAULT_FEATURE_EXTRACTOR["prc"] == metrics.PRC_EXTRACTOR
-    assert metrics.FEATURE_PRC == FeatureExtractorVGG16.get_default_feature_layer_for_metric("prc")
-    assert os.path.basename(metrics.VGG16_WEIGHTS_URL) == "vgg16-397923af.pth"
+    assert fidelity.FEATURE_KID == FeatureExtractorInceptionV3.get_default_feature_layer_for_metric("kid")
+    assert fidelity.FEATURE_KID == fidelity.FEATURE_FID
+    assert DEFAULT_FEATURE_EXTRACTOR["kid"] == fidelity.INCEPTION_EXTRACTOR
+    assert DEFAULT_FEATURE_EXTRACTOR["prc"] == fidelity.PRC_EXTRACTOR
+    assert fidelity.FEATURE_PRC == FeatureExtractorVGG16.get_default_feature_layer_for_metric("prc")
+    assert os.path.basename(fidelity.VGG16_WEIGHTS_URL) == "vgg16-397923af.pth"
 
 
 # ------------------------------------------------------------------------------------------ reference images
@@ -128,7 +127,7 @@ def test_constants_are_torch_fidelity_defaults():
 def test_npz_images_streams_arr_0_in_batches(tmp_path, save):
     array = np.random.RandomState(0).randint(0, 256, (7, 5, 6, 3), dtype=np.uint8)  # [N, H, W, 3]
     save(tmp_path / "ref.npz", arr_0=array, mu=np.zeros(4))
-    reader = metrics.NpzImages(tmp_path / "ref.npz", batch_size=3)
+    reader = fidelity.NpzImages(tmp_path / "ref.npz", batch_size=3)
     batches = list(reader)
     assert (reader.num_images, reader.image_size) == (7, (5, 6))
     assert [tuple(batch.shape) for batch in batches] == [(3, 3, 5, 6), (3, 3, 5, 6), (1, 3, 5, 6)]
@@ -137,8 +136,8 @@ def test_npz_images_streams_arr_0_in_batches(tmp_path, save):
 
 
 def test_npz_reference_holds_the_folder_pixels(images):
-    from_npz, count_npz = metrics.reference_images(images["npz"], batch_size=3)
-    from_folder, count_folder = metrics.reference_images(images["real"], resize=IMAGE_SIZE, num_workers=0)
+    from_npz, count_npz = fidelity.reference_images(images["npz"], batch_size=3)
+    from_folder, count_folder = fidelity.reference_images(images["real"], resize=IMAGE_SIZE, num_workers=0)
     assert count_npz == count_folder == NUM_REAL
     assert torch.equal(_concat(from_npz), _concat(from_folder))
 
@@ -146,7 +145,7 @@ def test_npz_reference_holds_the_folder_pixels(images):
 def test_reference_folder_is_searched_recursively_and_center_cropped(tmp_path):
     for label in ("a", "b"):
         _write_pngs(tmp_path / "root" / label, _noise_images(seed=3, count=2, size=48)[:, :40])  # 48x40 (WxH)
-    batches, count = metrics.reference_images(tmp_path / "root", resize=16, num_workers=0)
+    batches, count = fidelity.reference_images(tmp_path / "root", resize=16, num_workers=0)
     assert count == 4
     assert tuple(_concat(batches).shape) == (4, 3, 16, 16)
 
@@ -178,22 +177,22 @@ def test_npz_images_refuses_bad_files_naming_them(tmp_path, kind):
     path = tmp_path / "bad.npz"
     _write_bad_npz(path, kind)
     with pytest.raises(ValueError, match="bad.npz is not an ADM-style image batch"):
-        metrics.reference_images(path)
+        fidelity.reference_images(path)
 
 
 def test_reference_folder_with_an_unreadable_image(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "00000.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="00000.png"):
-        metrics.reference_images(tmp_path / "real")
+        fidelity.reference_images(tmp_path / "real")
 
 
 @pytest.mark.parametrize("metric_class", [KernelInceptionDistance, PrecisionRecall])
 def test_check_refuses_a_missing_ref_images(tmp_path, metric_class, inception_weights):
-    with pytest.raises(metrics.MissingMetricFile, match="--ref_images"):
+    with pytest.raises(fidelity.MissingMetricFile, match="--ref_images"):
         metric_class(None, str(inception_weights), IMAGE_SIZE).check()
     absent = tmp_path / "absent.npz"
-    with pytest.raises(metrics.MissingMetricFile, match="absent.npz") as info:
+    with pytest.raises(fidelity.MissingMetricFile, match="absent.npz") as info:
         metric_class(str(absent), str(inception_weights), IMAGE_SIZE).check()
     assert info.value.path == str(absent)
 
@@ -215,16 +214,16 @@ def test_kid_matches_torch_fidelity(images, inception_weights, shared_run):
 
 def test_fid_is_and_kid_share_one_inception_pass(images, shared_run):
     generated = os.path.realpath(images["generated"])
-    assert shared_run["passes"] == [(generated, tuple(sorted(metrics.INCEPTION_FEATURES)))]
+    assert shared_run["passes"] == [(generated, tuple(sorted(fidelity.INCEPTION_FEATURES)))]
     (features,) = shared_run["fid_inputs"]
     assert {name: tuple(value.shape) for name, value in features.items()} == {
-        metrics.FEATURE_ISC: (NUM_GENERATED, 1008), metrics.FEATURE_FID: (NUM_GENERATED, 2048)}
+        fidelity.FEATURE_ISC: (NUM_GENERATED, 1008), fidelity.FEATURE_FID: (NUM_GENERATED, 2048)}
     assert shared_run["inception"]._features == {}  # released once both metrics have read it
 
 
 def test_kernel_inception_distance_needs_two_images():
     with pytest.raises(ValueError, match="at least 2 images"):
-        metrics.kernel_inception_distance(torch.randn(1, 5), torch.randn(4, 5))
+        fidelity.kernel_inception_distance(torch.randn(1, 5), torch.randn(4, 5))
 
 
 # ------------------------------------------------------------------------------------------ precision/recall
@@ -242,7 +241,7 @@ def test_precision_recall_matches_torch_fidelity(images, tiny_vgg_weights):
 
 def test_prc_check_refuses_missing_or_foreign_weights(images, tiny_vgg_weights, inception_weights, tmp_path):
     absent = tmp_path / "vgg16.pth"
-    with pytest.raises(metrics.MissingMetricFile, match="vgg16-397923af.pth") as info:
+    with pytest.raises(fidelity.MissingMetricFile, match="vgg16-397923af.pth") as info:
         PrecisionRecall(str(images["npz"]), str(absent), IMAGE_SIZE).check()
     assert info.value.path == str(absent) and "--prc_weights" in str(info.value)
     with pytest.raises(ValueError, match="is not a weights file of torch-fidelity's vgg16 network"):
@@ -253,9 +252,9 @@ def test_precision_recall_blocks_match_the_full_matrices():
     generator = torch.Generator().manual_seed(0)
     generated, reference = torch.randn(30, 6, generator=generator), torch.randn(25, 6, generator=generator) + 0.5
     full = prc_features_to_metric(generated, reference, save_cpu_ram=False, verbose=False)
-    assert metrics.precision_recall(generated, reference, batch_size=7) == (full["precision"], full["recall"])
+    assert fidelity.precision_recall(generated, reference, batch_size=7) == (full["precision"], full["recall"])
 
 
 def test_precision_recall_needs_more_images_than_neighbours():
     with pytest.raises(ValueError, match="more than 3 images"):
-        metrics.precision_recall(torch.randn(3, 4), torch.randn(10, 4))
+        fidelity.precision_recall(torch.randn(3, 4), torch.randn(10, 4))

@@ -1,11 +1,10 @@
 """util.lr_sched and util.optim: schedule values, decay groups, EMA maths and precision."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from util.lr_sched import absolute_lr, adjust_learning_rate, lr_at
+from util.lr_sched import LrSchedule, absolute_lr, adjust_learning_rate, lr_at
 from util.optim import (
     EMA,
     build_optimizer,
@@ -13,10 +12,8 @@ from util.optim import (
 )
 
 
-def _args(**overrides):
-    base = {"lr": 8e-4, "blr": 1e-4, "min_lr": 1e-5, "warmup_epochs": 10, "epochs": 110, "lr_schedule": "constant"}
-    base.update(overrides)
-    return SimpleNamespace(**base)
+def _schedule(schedule="constant"):
+    return LrSchedule(lr=8e-4, warmup_epochs=10, epochs=110, schedule=schedule, min_lr=1e-5)
 
 
 def test_warmup_is_linear_per_iteration():
@@ -45,10 +42,11 @@ def test_unknown_schedule_raises():
 def test_adjust_learning_rate_sets_groups_and_respects_lr_scale():
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.SGD([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=1.0)
-    lr = adjust_learning_rate(optimizer, 5.0, _args())
+    lr = adjust_learning_rate(optimizer, 5.0, _schedule())
     assert lr == pytest.approx(4e-4)
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([4e-4, 2e-4])
-    assert adjust_learning_rate(optimizer, 60.0, _args(lr_schedule="cosine")) < 8e-4
+    assert adjust_learning_rate(optimizer, 60.0, _schedule("cosine")) == pytest.approx(
+        1e-5 + (8e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 2)))
 
 
 def test_absolute_lr_scales_blr_only_when_lr_is_missing():

@@ -1,4 +1,4 @@
-"""FID / Inception Score plumbing (util/metrics.py), ADM .npz export and the reference-statistics CLI.
+"""FID / Inception Score plumbing (util/eval/fidelity.py), ADM .npz export and the reference-statistics CLI.
 
 The real Inception weights cannot be downloaded here; the `inception_weights` fixture (conftest.py) writes a
 random-weight file with torch-fidelity's key names and shapes, loaded through the real weights-path code.
@@ -17,8 +17,8 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from PIL import Image
 
 from tools import make_fid_stats
-from util import metrics
-from util.npz_export import write_adm_npz
+from util.eval import fidelity
+from util.eval.npz_export import write_adm_npz
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 12  # per folder; the 299x299 Inception forward costs ~0.2 s per image on one CPU thread
@@ -73,14 +73,14 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def noise_features(inception_weights, folders):
     """Inception features of the noise folder, extracted once."""
-    return metrics.inception_features(folders["noise"], "cpu", batch_size=8, weights_path=inception_weights,
+    return fidelity.inception_features(folders["noise"], "cpu", batch_size=8, weights_path=inception_weights,
                                       num_workers=0)
 
 
 @pytest.fixture(scope="module")
 def smooth_statistics(inception_weights, folders):
     """FID statistics of the smooth folder, computed once."""
-    return metrics.statistics_from_folder(folders["smooth"], "cpu", batch_size=8, weights_path=inception_weights,
+    return fidelity.statistics_from_folder(folders["smooth"], "cpu", batch_size=8, weights_path=inception_weights,
                                           num_workers=0)
 
 
@@ -93,18 +93,18 @@ def test_frechet_distance_matches_scipy_sqrtm():
     mu2, sigma2 = _random_statistics(64, seed=1)
     expected = _scipy_frechet(mu1, sigma1, mu2, sigma2)
     assert expected > 1.0
-    assert metrics.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
+    assert fidelity.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_of_identical_statistics_is_zero():
     mu, sigma = _random_statistics(64, seed=3)
-    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+    assert abs(fidelity.frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
 
 
 def test_frechet_distance_promotes_mismatched_dtypes():
     mu1, sigma1 = _random_statistics(16, seed=4)
     mu2, sigma2 = _random_statistics(16, seed=5)
-    mixed = metrics.frechet_distance(mu1.astype(np.float32), sigma1, mu2, sigma2.astype(np.float32))
+    mixed = fidelity.frechet_distance(mu1.astype(np.float32), sigma1, mu2, sigma2.astype(np.float32))
     assert mixed == pytest.approx(_scipy_frechet(mu1, sigma1, mu2, sigma2), rel=1e-5)
 
 
@@ -113,30 +113,30 @@ def test_frechet_distance_promotes_mismatched_dtypes():
 def test_frechet_distance_rejects_bad_shapes(shapes):
     arrays = [np.ones(shape) for shape in shapes]
     with pytest.raises(ValueError, match="mu|dimensions"):
-        metrics.frechet_distance(*arrays)
+        fidelity.frechet_distance(*arrays)
 
 
 def test_inception_score_matches_numpy_reference():
     logits = np.random.RandomState(6).randn(40, 7) * 3
-    shuffled = logits[np.random.RandomState(metrics.ISC_RNG_SEED).permutation(40)]
+    shuffled = logits[np.random.RandomState(fidelity.ISC_RNG_SEED).permutation(40)]
     probs = np.exp(shuffled) / np.exp(shuffled).sum(axis=1, keepdims=True)
     scores = []
     for split in np.split(probs, 10):
         kl = (split * (np.log(split) - np.log(split.mean(axis=0, keepdims=True)))).sum(axis=1)
         scores.append(np.exp(kl.mean()))
-    mean, std = metrics.inception_score(torch.from_numpy(logits).float())
+    mean, std = fidelity.inception_score(torch.from_numpy(logits).float())
     assert mean == pytest.approx(np.mean(scores), rel=1e-5)
     assert std == pytest.approx(np.std(scores), rel=1e-4)
 
 
 def test_inception_score_of_identical_predictions_is_one():
-    mean, std = metrics.inception_score(torch.randn(1, 5).repeat(20, 1))
+    mean, std = fidelity.inception_score(torch.randn(1, 5).repeat(20, 1))
     assert mean == pytest.approx(1.0, abs=1e-9)
     assert std == pytest.approx(0.0, abs=1e-9)
 
 
 def test_inception_score_with_fewer_images_than_splits_is_finite():
-    mean, _ = metrics.inception_score(torch.randn(4, 5) * 3)
+    mean, _ = fidelity.inception_score(torch.randn(4, 5) * 3)
     assert np.isfinite(mean) and mean >= 1.0
 
 
@@ -147,9 +147,9 @@ def test_inception_score_with_fewer_images_than_splits_is_finite():
 def test_reference_statistics_roundtrip_uses_adm_dtypes(tmp_path):
     mu, sigma = _random_statistics(10, seed=7)
     path = tmp_path / "sub" / "custom_stats"
-    metrics.save_reference_statistics(path, mu, sigma)
+    fidelity.save_reference_statistics(path, mu, sigma)
     assert sorted(os.listdir(path.parent)) == ["custom_stats"]  # exact name, no temporary file left
-    stats = metrics.load_reference_statistics(path)
+    stats = fidelity.load_reference_statistics(path)
     assert stats["mu"].dtype == np.float32 and stats["sigma"].dtype == np.float64
     np.testing.assert_allclose(stats["mu"], mu, rtol=1e-6)
     np.testing.assert_array_equal(stats["sigma"], sigma)
@@ -157,8 +157,8 @@ def test_reference_statistics_roundtrip_uses_adm_dtypes(tmp_path):
 
 def test_load_reference_statistics_missing_file_names_it(tmp_path):
     path = tmp_path / "nowhere.npz"
-    with pytest.raises(metrics.MissingMetricFile, match="nowhere.npz") as info:
-        metrics.load_reference_statistics(path)
+    with pytest.raises(fidelity.MissingMetricFile, match="nowhere.npz") as info:
+        fidelity.load_reference_statistics(path)
     assert info.value.path == str(path)
     assert "make_fid_stats.py" in str(info.value)
 
@@ -167,27 +167,27 @@ def test_load_reference_statistics_rejects_sample_batch(tmp_path):
     path = tmp_path / "samples.npz"
     np.savez(path, arr_0=np.zeros((2, 4, 4, 3), dtype=np.uint8))
     with pytest.raises(ValueError, match="'mu'"):
-        metrics.load_reference_statistics(path)
+        fidelity.load_reference_statistics(path)
 
 
 def test_load_reference_statistics_rejects_inconsistent_shapes(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, mu=np.zeros(4, dtype=np.float32), sigma=np.eye(5))
     with pytest.raises(ValueError, match="sigma"):
-        metrics.load_reference_statistics(path)
+        fidelity.load_reference_statistics(path)
 
 
 @pytest.mark.parametrize("img_size, name, source", [(256, "adm_in256_stats.npz", "VIRTUAL_imagenet256_labeled"),
-                                                    (512, "VIRTUAL_imagenet512.npz", metrics.TRANSDIFF_REF_512_URL)])
+                                                    (512, "VIRTUAL_imagenet512.npz", fidelity.TRANSDIFF_REF_512_URL)])
 def test_default_fid_stats_paths_and_their_download_hints(img_size, name, source):
-    path = metrics.default_fid_stats_path(img_size)
+    path = fidelity.default_fid_stats_path(img_size)
     assert Path(path) == REPO_ROOT / "fid_stats" / name
-    with pytest.raises(metrics.MissingMetricFile, match=source):
-        metrics.load_reference_statistics(Path(path).with_name("absent") / name)
+    with pytest.raises(fidelity.MissingMetricFile, match=source):
+        fidelity.load_reference_statistics(Path(path).with_name("absent") / name)
 
 
 def test_default_fid_stats_path_unknown_size_is_none():
-    assert metrics.default_fid_stats_path(128) is None
+    assert fidelity.default_fid_stats_path(128) is None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -196,19 +196,19 @@ def test_default_fid_stats_path_unknown_size_is_none():
 
 def test_resolve_inception_weights_explicit_missing_path(tmp_path):
     path = tmp_path / "absent.pth"
-    with pytest.raises(metrics.MissingMetricFile, match="absent.pth") as info:
-        metrics.resolve_inception_weights(path)
+    with pytest.raises(fidelity.MissingMetricFile, match="absent.pth") as info:
+        fidelity.resolve_inception_weights(path)
     assert tf_inception.URL_INCEPTION_V3 in str(info.value)
 
 
 def test_resolve_inception_weights_uses_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     cached = tmp_path / "hub" / "checkpoints" / os.path.basename(tf_inception.URL_INCEPTION_V3)
-    with pytest.raises(metrics.MissingMetricFile, match=str(cached)):
-        metrics.resolve_inception_weights()
+    with pytest.raises(fidelity.MissingMetricFile, match=str(cached)):
+        fidelity.resolve_inception_weights()
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
-    assert metrics.resolve_inception_weights() == str(cached)
+    assert fidelity.resolve_inception_weights() == str(cached)
 
 
 @pytest.fixture
@@ -216,21 +216,21 @@ def forbid_image_work(monkeypatch):
     """Make any Inception feature extraction fail the test."""
     def fail(*args, **kwargs):
         raise AssertionError("image work started before the metric files were checked")
-    monkeypatch.setattr(metrics, "inception_features", fail)
-    monkeypatch.setattr(metrics, "load_inception", fail)
+    monkeypatch.setattr(fidelity, "inception_features", fail)
+    monkeypatch.setattr(fidelity, "load_inception", fail)
 
 
 def test_compute_fid_is_missing_weights_fails_before_image_work(tmp_path, folders, forbid_image_work):
     stats = tmp_path / "stats.npz"
-    metrics.save_reference_statistics(stats, *_random_statistics(2048, seed=8))
-    with pytest.raises(metrics.MissingMetricFile, match="no_weights.pth"):
-        metrics.compute_fid_is(folders["noise"], stats, "cpu", weights_path=tmp_path / "no_weights.pth")
+    fidelity.save_reference_statistics(stats, *_random_statistics(2048, seed=8))
+    with pytest.raises(fidelity.MissingMetricFile, match="no_weights.pth"):
+        fidelity.compute_fid_is(folders["noise"], stats, "cpu", weights_path=tmp_path / "no_weights.pth")
 
 
 def test_compute_fid_is_missing_stats_fails_before_image_work(tmp_path, folders, inception_weights,
                                                                forbid_image_work):
-    with pytest.raises(metrics.MissingMetricFile, match="no_stats.npz"):
-        metrics.compute_fid_is(folders["noise"], tmp_path / "no_stats.npz", "cpu", weights_path=inception_weights)
+    with pytest.raises(fidelity.MissingMetricFile, match="no_stats.npz"):
+        fidelity.compute_fid_is(folders["noise"], tmp_path / "no_stats.npz", "cpu", weights_path=inception_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,16 +238,16 @@ def test_compute_fid_is_missing_stats_fails_before_image_work(tmp_path, folders,
 
 
 def test_inception_features_shapes_and_dtype(noise_features):
-    assert noise_features[metrics.FEATURE_ISC].shape == (NUM_IMAGES, 1008)
-    assert noise_features[metrics.FEATURE_FID].shape == (NUM_IMAGES, 2048)
+    assert noise_features[fidelity.FEATURE_ISC].shape == (NUM_IMAGES, 1008)
+    assert noise_features[fidelity.FEATURE_FID].shape == (NUM_IMAGES, 2048)
     assert all(value.dtype == torch.float32 for value in noise_features.values())
-    assert noise_features[metrics.FEATURE_FID].std(dim=0).mean() > 1e-3  # images are told apart
+    assert noise_features[fidelity.FEATURE_FID].std(dim=0).mean() > 1e-3  # images are told apart
 
 
 def test_in_memory_batches_match_folder_features(inception_weights, noise_features):
-    extractor = metrics.load_inception(torch.device("cpu"), inception_weights)
+    extractor = fidelity.load_inception(torch.device("cpu"), inception_weights)
     images = torch.from_numpy(_noise_images(seed=1)[:4]).permute(0, 3, 1, 2)  # [4, 3, H, W] uint8
-    features = metrics.features_from_batches(extractor, [images[:3], images[3:]])
+    features = fidelity.features_from_batches(extractor, [images[:3], images[3:]])
     for name, value in features.items():
         torch.testing.assert_close(value, noise_features[name][:4], rtol=1e-4, atol=1e-5)
 
@@ -255,11 +255,11 @@ def test_in_memory_batches_match_folder_features(inception_weights, noise_featur
 @pytest.mark.e2e
 def test_compute_fid_is_end_to_end(tmp_path, inception_weights, folders, noise_features, smooth_statistics):
     own_stats, other_stats = tmp_path / "noise.npz", tmp_path / "smooth.npz"
-    noise = metrics.statistics_from_features(noise_features[metrics.FEATURE_FID])
-    metrics.save_reference_statistics(own_stats, noise["mu"], noise["sigma"])
-    metrics.save_reference_statistics(other_stats, smooth_statistics["mu"], smooth_statistics["sigma"])
+    noise = fidelity.statistics_from_features(noise_features[fidelity.FEATURE_FID])
+    fidelity.save_reference_statistics(own_stats, noise["mu"], noise["sigma"])
+    fidelity.save_reference_statistics(other_stats, smooth_statistics["mu"], smooth_statistics["sigma"])
 
-    result = metrics.compute_fid_is(folders["noise"], other_stats, torch.device("cpu"), batch_size=8,
+    result = fidelity.compute_fid_is(folders["noise"], other_stats, torch.device("cpu"), batch_size=8,
                                     weights_path=inception_weights, num_workers=0)
     assert set(result) == {"fid", "inception_score", "inception_score_std", "num_images"}
     assert result["num_images"] == NUM_IMAGES
@@ -267,7 +267,7 @@ def test_compute_fid_is_end_to_end(tmp_path, inception_weights, folders, noise_f
     # With 12 images in 10 splits most splits hold one image, so IS sits just above its minimum of 1.
     assert np.isfinite(result["inception_score"]) and result["inception_score"] >= 1.0 - 1e-9
 
-    from_features = metrics.metrics_from_features(noise_features, metrics.load_reference_statistics(own_stats))
+    from_features = fidelity.metrics_from_features(noise_features, fidelity.load_reference_statistics(own_stats))
     assert abs(from_features["fid"]) < 1e-3 * result["fid"]
     assert from_features["inception_score"] == pytest.approx(result["inception_score"], rel=1e-5)
 
@@ -277,7 +277,7 @@ def test_matches_torch_fidelity_calculate_metrics(inception_weights, folders, no
     expected = torch_fidelity.calculate_metrics(
         input1=str(folders["noise"]), input2=str(folders["smooth"]), cuda=False, isc=True, fid=True,
         feature_extractor_weights_path=str(inception_weights), batch_size=8, save_cpu_ram=True, verbose=False)
-    ours = metrics.metrics_from_features(noise_features, smooth_statistics)
+    ours = fidelity.metrics_from_features(noise_features, smooth_statistics)
     assert ours["fid"] == pytest.approx(expected["frechet_inception_distance"], rel=1e-6)
     assert ours["inception_score"] == pytest.approx(expected["inception_score_mean"], rel=1e-9)
     assert ours["inception_score_std"] == pytest.approx(expected["inception_score_std"], rel=1e-6)
@@ -287,10 +287,10 @@ def test_mixed_image_sizes_need_resize(tmp_path, inception_weights):
     _write_pngs(tmp_path / "a", _noise_images(seed=9, count=1, size=20))
     Image.fromarray(_noise_images(seed=10, count=1, size=28)[0]).save(tmp_path / "a" / "big.png")
     with pytest.raises(ValueError, match="resize"):
-        metrics.inception_features(tmp_path / "a", "cpu", weights_path=inception_weights, num_workers=0)
-    features = metrics.inception_features(tmp_path / "a", "cpu", weights_path=inception_weights, num_workers=0,
-                                          resize=16, features=(metrics.FEATURE_FID,))
-    assert features[metrics.FEATURE_FID].shape == (2, 2048)
+        fidelity.inception_features(tmp_path / "a", "cpu", weights_path=inception_weights, num_workers=0)
+    features = fidelity.inception_features(tmp_path / "a", "cpu", weights_path=inception_weights, num_workers=0,
+                                          resize=16, features=(fidelity.FEATURE_FID,))
+    assert features[fidelity.FEATURE_FID].shape == (2, 2048)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -335,13 +335,13 @@ def test_make_fid_stats_script_on_imagefolder(tmp_path, inception_weights):
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert completed.returncode == 0, completed.stderr
     assert "from 3 images" in completed.stdout
-    stats = metrics.load_reference_statistics(out)
+    stats = fidelity.load_reference_statistics(out)
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
     assert stats["mu"].dtype == np.float32 and stats["sigma"].dtype == np.float64
 
 
 def test_make_fid_stats_main_reports_missing_weights(tmp_path):
-    with pytest.raises(metrics.MissingMetricFile, match="absent.pth"):
+    with pytest.raises(fidelity.MissingMetricFile, match="absent.pth"):
         make_fid_stats.main(["--image_dir", str(tmp_path), "--out", str(tmp_path / "s.npz"),
                              "--inception_weights", str(tmp_path / "absent.pth")])
     assert not (tmp_path / "s.npz").exists()

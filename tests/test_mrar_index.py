@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tools.build_mrar_index import build_mrar_index
-from util.datasets import MRARDataset
+from util.data.datasets import MRARDataset
 
 
 def _folder(root: Path, counts: dict) -> Path:

@@ -17,8 +17,8 @@ from preloaded import REPO_ROOT
 
 from models.samplers import DEFAULT_SAMPLER
 from util.checkpoint import load_checkpoint
+from util.eval.fidelity import save_reference_statistics, statistics_from_folder
 from util.io import file_sha256
-from util.metrics import save_reference_statistics, statistics_from_folder
 
 pytestmark = pytest.mark.e2e
 

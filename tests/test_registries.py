@@ -8,8 +8,8 @@ import main
 from models.samplers import SAMPLERS, SamplerSpec, network_evaluations, ode_time_grid
 from models.tokenizers import TOKENIZERS, build_tokenizer
 from util.checkpoint import save_checkpoint
-from util.eval_metrics import EVAL_METRICS
-from util.images import read_generated_images
+from util.eval.images import read_generated_images
+from util.eval.registry import EVAL_METRICS
 from util.presets import SAMPLING_PRESETS, apply_preset
 from util.settings import get_args_parser
 
@@ -67,8 +67,8 @@ class MeanBrightness:
 
     name = "brightness"
 
-    def __init__(self, args):
-        self.num_images, self.class_num = args.num_images, args.class_num
+    def __init__(self, settings):
+        self.num_images, self.class_num = settings.num_images, settings.class_num
         self.checked = False
 
     def check(self):

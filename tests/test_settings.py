@@ -93,6 +93,7 @@ def _free_port() -> int:
 
 def test_device_cpu_means_gloo_and_cpu_even_when_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     monkeypatch.setattr(torch.cuda, "set_device", lambda *a: pytest.fail("a CPU run selected a GPU"))
     assert resolved(TINY[:-6]).device == "cuda"  # no --device: CUDA when available
     args = resolved(TINY)

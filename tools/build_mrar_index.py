@@ -1,7 +1,7 @@
 """Build an MRAR index file: JSON lines ``{"cate": <class folder>, "files": [f0, f1, f2, f3]}``.
 
 Each line is one MRAR training example of four same-class images from an ImageFolder (``train/``):
-f0..f2 are the references and f3 the final target, the format ``util.datasets.MRARDataset`` reads
+f0..f2 are the references and f3 the final target, the format ``util.data.datasets.MRARDataset`` reads
 (and the original's ``Imagenet2012_mrar_files.txt`` uses).
 
 How the authors chose the groups is not published (paper digest §4). Our assumption: every image is
@@ -37,8 +37,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from util.crops import center_crop_arr
-from util.datasets import MRAR_GROUP_SIZE, find_class_folders, load_rgb
+from util.data.crops import center_crop_arr
+from util.data.datasets import MRAR_GROUP_SIZE, find_class_folders, load_rgb
 from util.io import atomic_write
 
 MODES = ("random", "nearest")

@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 from digits.data import export_digits, read_export_manifest
 from digits.judge import load_digits_classifier, train_digits_classifier
 from digits.scores import score_samples
-from util.images import read_generated_images, read_image_folder
+from util.eval.images import read_generated_images, read_image_folder
 from util.io import write_json
 
 

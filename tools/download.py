@@ -27,9 +27,9 @@ Verification by kind (`VERIFIERS`), after the sha256 where one is recorded:
   into the model the entry names, built on the meta device (every key and shape is checked, no memory is
   allocated for the model); every float tensor must be finite.
 * ``vae``: `models.vae.AutoencoderKL.from_checkpoint` (``load_kl16`` for the released file): a strict load.
-* ``fid_stats``: `util.metrics.load_reference_statistics`; ``mu`` must be ``[d]`` and ``sigma`` ``[d, d]``
+* ``fid_stats``: `util.eval.fidelity.load_reference_statistics`; ``mu`` must be ``[d]`` and ``sigma`` ``[d, d]``
   with ``d`` the entry's ``feature_dim`` (2048 for Inception pool features), all finite.
-* ``mrar_index``: every line is a JSON object ``{"cate": str, "files": [>= 4 str]}`` (`util.datasets.MRARDataset`).
+* ``mrar_index``: every line is a JSON object ``{"cate": str, "files": [>= 4 str]}`` (`util.data.datasets.MRARDataset`).
 """
 from __future__ import annotations
 
@@ -59,9 +59,9 @@ from tqdm import tqdm
 from models.transdiff import TRANSDIFF_MODELS
 from models.vae import AutoencoderKL
 from util.checkpoint import load_checkpoint, select_weights
-from util.datasets import MRAR_GROUP_SIZE
+from util.data.datasets import MRAR_GROUP_SIZE
+from util.eval.fidelity import DEFAULT_FID_STATS, load_reference_statistics
 from util.io import file_sha256, fsync_directory
-from util.metrics import DEFAULT_FID_STATS, load_reference_statistics
 from util.presets import SAMPLING_PRESETS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

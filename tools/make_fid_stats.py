@@ -1,6 +1,6 @@
 """Compute FID reference statistics (``mu``, ``sigma``) for a custom dataset.
 
-The statistics use the same torch-fidelity Inception network and code as evaluation (``util/metrics.py``),
+The statistics use the same torch-fidelity Inception network and code as evaluation (``util/eval/fidelity.py``),
 so ``--fid_stats`` files made here are comparable with generated samples scored by ``main.py``::
 
     python tools/make_fid_stats.py --image_dir data/train --out fid_stats/custom.npz --resize 256
@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as `python tools/make_fid_stats.py`: make `
 
 import torch
 
-from util.metrics import (
+from util.eval.fidelity import (
     BATCH_SIZE,
     FEATURE_FID,
     inception_features,

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,7 +55,8 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            # Memory-mapped: a rank's CPU copy of a large checkpoint is read on demand, not held whole.
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error}") from error

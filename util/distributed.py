@@ -101,6 +101,13 @@ def resolve_device_type(requested: str | None) -> str:
     return device_type
 
 
+def local_cuda_device(local_rank: int) -> torch.device:
+    """The GPU of a process with ``local_rank`` among those it sees: ``local_rank % device_count``. torchrun shows
+    every process the node's GPUs (the index is the local rank); SLURM with ``--gpus-per-task=1`` or a
+    ``CUDA_VISIBLE_DEVICES`` per process shows one (every process uses ``cuda:0``)."""
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
 def launch_world_size(dist_on_itp: bool = False) -> int:
     """The world size the launcher's environment announces (1 without a launcher), before any group exists."""
     launch = parse_launcher_env(os.environ, dist_on_itp)
@@ -131,8 +138,8 @@ def init_distributed(device_type: str, dist_on_itp: bool = False, dist_url: str 
             _require_env("MASTER_ADDR")
             _require_env("MASTER_PORT")
     if device_type == "cuda":
-        torch.cuda.set_device(launch.local_rank)
-        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+        device, backend = local_cuda_device(launch.local_rank), "nccl"
+        torch.cuda.set_device(device)
     else:
         device, backend = torch.device(device_type), "gloo"
     timeout = datetime.timedelta(minutes=timeout_minutes)
@@ -240,6 +247,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every parameter and persistent buffer of ``module`` rank ``src``'s, in place; nothing without a group."""
+    if not is_initialized():
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src)
 
 
 def all_gather_object(obj: Any) -> list[Any]:

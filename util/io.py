@@ -32,6 +32,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_source(key: str, path: str | None) -> dict[str, str]:
+    """`{key: path, key_sha256: digest}`: a file a result depends on, named with its sha256 (a folder, or None,
+    is named without one)."""
+    if path is None or not os.path.isfile(path):
+        return {key: path}
+    return {key: os.path.abspath(path), f"{key}_sha256": file_sha256(path)}
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Create or replace ``path`` with what ``write(handle)`` writes, all or nothing.
 

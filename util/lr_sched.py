@@ -7,7 +7,7 @@ iteration. The original's default schedule is ``constant``; ``cosine`` is a half
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch
 
@@ -28,14 +28,23 @@ def lr_at(epoch: float, lr: float, warmup_epochs: float, epochs: float, schedule
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, args: Any) -> float:
-    """Set every param group's lr for fractional ``epoch`` and return the base lr.
+class LrSchedule(NamedTuple):
+    """A run's learning-rate schedule (the absolute `lr`, see `absolute_lr`)."""
 
-    Reads ``args.lr``, ``args.warmup_epochs``, ``args.epochs``, ``args.lr_schedule`` (default
-    'constant') and ``args.min_lr`` (default 0). A group's ``lr_scale`` multiplies the base lr.
-    """
-    lr = lr_at(epoch, args.lr, args.warmup_epochs, args.epochs, getattr(args, "lr_schedule", "constant"),
-               getattr(args, "min_lr", 0.0))
+    lr: float
+    warmup_epochs: float
+    epochs: float
+    schedule: str = "constant"
+    min_lr: float = 0.0
+
+    def at(self, epoch: float) -> float:
+        return lr_at(epoch, self.lr, self.warmup_epochs, self.epochs, self.schedule, self.min_lr)
+
+
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, schedule: LrSchedule) -> float:
+    """Set every param group's lr for fractional ``epoch`` and return the base lr; a group's ``lr_scale``
+    multiplies the base lr."""
+    lr = schedule.at(epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

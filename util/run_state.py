@@ -2,7 +2,7 @@
 
 Owns the checkpoint file names (`checkpoint_path`: ``checkpoint-last.pth`` and ``checkpoint-<epoch>.pth``,
 the original's), the restore policy (`restore`), every rank's RNG state, and the save (`save`) with the
-ranks' weight digests from `util.execution`. The file format itself (atomic write, safe load, finetune
+ranks' weight digests from `util.execution.wrap`. The file format itself (atomic write, safe load, finetune
 adaptation, the explanation of a mismatch) is `util.checkpoint`'s.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import os
 import random
 import signal
 import time
+import warnings
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -22,9 +24,38 @@ from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util.checkpoint import adapt_state_dict, load_checkpoint, save_checkpoint, select_weights
 from util.errors import Preempted
+from util.execution.wrap import RanksDiverged, parameter_digest
 
 LAST = "last"
 SAME_RUN_KEYS = ("model", "mrar", "img_size")  # a training checkpoint with these continues exactly
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What decides where a run's weights come from, and what its checkpoints record about it."""
+
+    output_dir: str
+    flags: dict = field(default_factory=dict)  # every resolved flag: saved as the checkpoint's 'args'
+    seed: int = 0                # with world size and batch size: the data order (`util.data.order`)
+    batch_size: int = 1          # per process
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+    resume: str = ""             # a checkpoint file, or a folder holding checkpoint-<load_step>.pth
+    load_step: str = LAST
+    evaluate: bool = False       # load weights only: never the optimizer or the run's own last checkpoint
+    allow_random_weights: bool = False  # evaluating without weights is an error unless this
+    start_epoch: int = 0         # the first epoch of a run that starts fresh
+    save_every_steps: int = 0    # inside an epoch (0: off); see `SavePolicy`
+    save_every_minutes: float = 0.0
+
+    def data_order(self) -> dict:
+        """The inputs of the data order: a checkpoint inside an epoch continues exactly only under the same ones."""
+        return {"seed": self.seed, "world_size": dist.get_world_size(), "batch_size": self.batch_size}
+
+    def continues(self, checkpoint: dict) -> bool:
+        """Whether `checkpoint` is a training checkpoint of this run's configuration (then it continues exactly)."""
+        stored = checkpoint.get("args", {})
+        return ("optimizer" in checkpoint and "epoch" in checkpoint
+                and all(stored.get(key) == self.flags.get(key) for key in SAME_RUN_KEYS))
 
 
 def checkpoint_path(output_dir: str, name: str | int) -> str:
@@ -49,14 +80,29 @@ def find_resume_checkpoint(resume: str | None, load_step: str = LAST) -> str | N
     return candidate if os.path.isfile(candidate) else None
 
 
-def rng_state() -> dict:
-    """This process's generator states (torch, numpy, python, CUDA)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(device: torch.device) -> dict:
+    """This process's generator states: torch's CPU one, numpy's, Python's, and that of its own CUDA device (a
+    rank trains on one device; the others it may see belong to other ranks)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def restore_rng_state(states: list | None) -> bool:
-    """Each rank restores its own generator states; False (nothing restored) if the world size changed."""
+def _cuda_state(state: dict, device: torch.device) -> torch.Tensor | None:
+    """The saved generator state of `device`: ours (`cuda_device`), or in an older checkpoint's list of every
+    visible GPU's states, the entry at the device's index when the list has one."""
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    states = state.get("cuda") or []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return states[index] if index < len(states) else None
+
+
+def restore_rng_state(states: list | None, device: torch.device) -> bool:
+    """Each rank restores its own generator states; False (nothing restored) if the world size changed. A CUDA
+    state is restored on the rank's own device; a checkpoint without one for it (saved on CPU, or an older one
+    from a layout with fewer visible GPUs) leaves the device's generator as it is, with a warning."""
     if not states or len(states) != dist.get_world_size():
         return False
     state = states[dist.get_rank()]
@@ -64,8 +110,13 @@ def restore_rng_state(states: list | None) -> bool:
     numpy_state = np.random.get_state()
     np.random.set_state((numpy_state[0], np.array(state["numpy"], dtype=np.uint32), *numpy_state[2:]))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda":
+        cuda_state = _cuda_state(state, device)
+        if cuda_state is None:
+            warnings.warn(f"the checkpoint holds no generator state for {device}: its draws differ from an "
+                          "uninterrupted run's", stacklevel=2)
+        else:
+            torch.cuda.set_rng_state(cuda_state, device)
     return True
 
 
@@ -81,27 +132,33 @@ class Position(NamedTuple):
         return self.epoch_step >= self.steps_per_epoch
 
 
-def save(output_dir: str, name: str | int, execution, ema, optimizer, scaler, position: Position, args) -> str:
-    """Write ``checkpoint-<name>.pth`` atomically; returns its path. A collective: every rank contributes its RNG
-    state and a weight digest, and a divergence between ranks is an error rather than a silently saved rank-0 copy.
+def save(run: RunSettings, name: str | int, execution, ema, optimizer, scaler, position: Position) -> str:
+    """Write ``checkpoint-<name>.pth`` into the run's folder atomically; returns its path. A collective: every rank
+    contributes its RNG state and the digests of its weights and its EMA, and a divergence between ranks is an
+    error rather than a silently saved rank-0 copy.
 
     The checkpoint records the position (epoch, batches done of ``steps_per_epoch``, optimizer steps; saves happen
     after an optimizer step, so no accumulation micro-step is pending) and the data order's inputs (seed, world
     size, batch size), so a resumed run skips exactly the batches already trained on.
     """
-    states = dist.all_gather_object(rng_state())
-    weights, digests = execution.state_dict(f"epoch {position.epoch}, step {position.epoch_step}")
-    path = checkpoint_path(output_dir, name)
+    device = next(execution.module.parameters()).device
+    states = dist.all_gather_object(rng_state(device))
+    label = f"epoch {position.epoch}, step {position.epoch_step}"
+    weights, digests = execution.state_dict(label)
+    ema_digests = dist.all_gather_object(parameter_digest(ema.module))
+    if len(set(ema_digests)) != 1:
+        raise RanksDiverged(f"the ranks' EMA weights diverged at {label}: {ema_digests}")
+    path = checkpoint_path(run.output_dir, name)
     if not dist.is_main_process():
         return path
-    optimizer_steps = math.ceil(position.steps_per_epoch / args.gradient_accumulation_steps)
+    optimizer_steps = math.ceil(position.steps_per_epoch / run.accumulation_steps)
     state = {"model": weights, "model_ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
              "epoch": position.epoch, "epoch_step": position.epoch_step,
              "steps_per_epoch": position.steps_per_epoch, "accumulation_micro_step": 0,
              "optimizer_step": position.epoch * optimizer_steps + math.ceil(
-                 position.epoch_step / args.gradient_accumulation_steps),
-             "data_order": {"seed": args.seed, "world_size": dist.get_world_size(), "batch_size": args.batch_size},
-             "args": vars(args), "rng_states": states, "rank_weight_digests": digests}
+                 position.epoch_step / run.accumulation_steps),
+             "data_order": run.data_order(), "args": run.flags, "rng_states": states,
+             "rank_weight_digests": digests, "rank_ema_digests": ema_digests}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     save_checkpoint(path, state)
@@ -132,7 +189,7 @@ def _adapt(weights: dict, target: dict, path: str) -> tuple[dict, list[str]]:
         raise ValueError(f"{path}: {error}") from None
 
 
-def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
+def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored:
     """Load the checkpoint a run starts from (``optimizer`` and ``scaler`` are None when evaluating).
 
     Our own run's ``<output_dir>/checkpoint-last.pth`` wins (an interrupted run continues exactly: weights,
@@ -142,24 +199,24 @@ def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
     model for an MRAR or 512 px finetune. A checkpoint that does not fit raises ValueError explaining which
     flag to change.
     """
-    own = checkpoint_path(args.output_dir, LAST)
+    own = checkpoint_path(run.output_dir, LAST)
     path = None
-    if not args.evaluate and os.path.isfile(own):
+    if not run.evaluate and os.path.isfile(own):
         path = own
-    elif args.resume:
-        if not os.path.exists(args.resume):
-            raise FileNotFoundError(f"--resume {args.resume}: no such file or folder")
-        path = find_resume_checkpoint(args.resume, args.load_step)
+    elif run.resume:
+        if not os.path.exists(run.resume):
+            raise FileNotFoundError(f"--resume {run.resume}: no such file or folder")
+        path = find_resume_checkpoint(run.resume, run.load_step)
         if path is None:
-            message = f"--resume {args.resume}: no checkpoint-{args.load_step}.pth in this folder"
-            if args.evaluate:
+            message = f"--resume {run.resume}: no checkpoint-{run.load_step}.pth in this folder"
+            if run.evaluate:
                 raise FileNotFoundError(message + "; nothing to evaluate")
             logger.warning("!" * 80 + f"\n{message}; TRAINING FROM SCRATCH\n" + "!" * 80)
     if path is None:
-        if args.evaluate and not args.allow_random_weights:
+        if run.evaluate and not run.allow_random_weights:
             raise ValueError("--evaluate needs weights: pass --resume <checkpoint or folder> (or "
                              "--allow_random_weights to score an untrained model)")
-        return Restored(args.start_epoch, "scratch", "")
+        return Restored(run.start_epoch, "scratch", "")
 
     checkpoint = load_checkpoint(path)
     raw, source = select_weights(checkpoint, use_ema=False)
@@ -170,15 +227,13 @@ def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
     for line in report:
         logger.info(f"adapted: {line}")
     epoch = int(checkpoint.get("epoch", -1))
-    same_run = ("optimizer" in checkpoint and "epoch" in checkpoint and
-                all(checkpoint.get("args", {}).get(key) == getattr(args, key) for key in SAME_RUN_KEYS))
-    if same_run and not args.evaluate:
+    if run.continues(checkpoint) and not run.evaluate:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])
-        same_order = checkpoint.get("data_order") == {"seed": args.seed, "world_size": dist.get_world_size(),
-                                                      "batch_size": args.batch_size}
-        if not restore_rng_state(checkpoint.get("rng_states")):
+        same_order = checkpoint.get("data_order") == run.data_order()
+        device = next(model.parameters()).device
+        if not restore_rng_state(checkpoint.get("rng_states"), device):
             logger.warning("the world size changed since this checkpoint: training continues, but its random "
                            "draws differ from an uninterrupted run")
         position = Position(epoch, checkpoint.get("epoch_step", 1), checkpoint.get("steps_per_epoch", 1))
@@ -192,9 +247,9 @@ def restore(args, model, ema, optimizer, scaler, logger) -> Restored:
         logger.info(f"resumed {path} (epoch {epoch}, {position.epoch_step} of {position.steps_per_epoch} batches "
                     f"done): continuing at batch {position.epoch_step}")
         return Restored(epoch, str(epoch), path, position.epoch_step)
-    if args.evaluate:
+    if run.evaluate:
         logger.info(f"evaluating weights from {path} (epoch {epoch})")
-        return Restored(args.start_epoch, str(epoch) if epoch >= 0 else "released", path)
+        return Restored(run.start_epoch, str(epoch) if epoch >= 0 else "released", path)
     logger.info(f"initialised from {path} ({source}, epoch {epoch}); optimizer and epoch start fresh")
     return Restored(0, str(epoch) if epoch >= 0 else "released", path)
 
@@ -239,16 +294,16 @@ class SavePolicy:
 class Checkpointer:
     """A training run's saves: at the ends of epochs (`save`) and inside them (`inside_epoch`, by `SavePolicy`)."""
 
-    def __init__(self, args, execution, ema, optimizer, scaler, steps_per_epoch: int, logger):
-        self.args, self.execution, self.ema, self.optimizer, self.scaler = args, execution, ema, optimizer, scaler
+    def __init__(self, run: RunSettings, execution, ema, optimizer, scaler, steps_per_epoch: int, logger):
+        self.run, self.execution, self.ema, self.optimizer, self.scaler = run, execution, ema, optimizer, scaler
         self.steps = steps_per_epoch
         self.logger = logger
-        self.optimizer_steps_per_epoch = math.ceil(steps_per_epoch / args.gradient_accumulation_steps)
-        self.policy = SavePolicy(args.save_every_steps, args.save_every_minutes)
+        self.optimizer_steps_per_epoch = math.ceil(steps_per_epoch / run.accumulation_steps)
+        self.policy = SavePolicy(run.save_every_steps, run.save_every_minutes)
 
     def save(self, name: str | int, epoch: int, epoch_step: int) -> str:
-        path = save(self.args.output_dir, name, self.execution, self.ema, self.optimizer, self.scaler,
-                    Position(epoch, epoch_step, self.steps), self.args)
+        path = save(self.run, name, self.execution, self.ema, self.optimizer, self.scaler,
+                    Position(epoch, epoch_step, self.steps))
         self.policy.saved()
         return path
 
@@ -258,7 +313,7 @@ class Checkpointer:
         if epoch_step >= self.steps:
             return  # the end-of-epoch saves
         optimizer_step = (epoch * self.optimizer_steps_per_epoch
-                          + math.ceil(epoch_step / self.args.gradient_accumulation_steps))
+                          + math.ceil(epoch_step / self.run.accumulation_steps))
         due, stop = self.policy.decide(optimizer_step)
         if not due:
             return

@@ -12,7 +12,8 @@ from models.samplers import DEFAULT_SAMPLER, SAMPLERS
 from models.tokenizers import TOKENIZERS, check_tokenizer_settings
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
-from util.eval_metrics import DEFAULT_METRICS, EVAL_METRICS
+from util.eval.registry import DEFAULT_METRICS, EVAL_METRICS
+from util.execution.precision import PRECISIONS, resolve_precision
 from util.lr_sched import SCHEDULES, absolute_lr
 from util.presets import SAMPLING_PRESETS, apply_preset
 
@@ -137,11 +138,15 @@ def get_args_parser():
     group.add_argument("--gradient_accumulation_steps", default=1, type=int,
                        help="micro-batches per optimizer step (their gradients are summed, as the original)")
     group.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and EMA stay float32)")
-    group.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
-                       help="auto: fp16 autocast + grad scaler on CUDA, fp32 on CPU; --bf16 means bf16")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="auto: bf16 autocast on a CUDA GPU with native bfloat16 (Ampere and newer), fp32\n"
+                            "elsewhere; fp16 (autocast + grad scaler) only when asked: the original's CUDA default,\n"
+                            "whose users report NaNs. Weights, optimizer and EMA stay float32; the VAE decode runs\n"
+                            "in bf16 or fp32, never fp16. --bf16 means bf16")
     group.add_argument("--tf32", action="store_true",
-                       help="TF32 matmuls on CUDA (Ampere and newer): faster float32, about 1e-3 relative error.\n"
-                            "Off by default: float32 stays float32, as in the original")
+                       help="TF32 float32 matrix products on CUDA (Ampere and newer): faster, about 1e-3 relative\n"
+                            "error. Off by default: float32 products stay float32, as in the original. cuDNN's\n"
+                            "convolutions (the VAE) keep PyTorch's default, TF32 allowed, as the original runs them")
     group.add_argument("--only_train_diff", action="store_true", help="freeze everything but the diffusion decoder")
     group.add_argument("--seed", default=1, type=int, help="training seed (+rank); base of the per-image seeds")
 
@@ -255,8 +260,7 @@ def resolve_args(args):
         raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
     if isinstance(args.cfg, list) and not args.mrar:
         raise SettingsError("a per-stage --cfg list needs --mrar")
-    if args.bf16:
-        args.precision = "bf16"
+    args.precision = resolve_precision("bf16" if args.bf16 else args.precision, args.device)
     args.log_dir = args.log_dir or args.output_dir
     world_size = dist.launch_world_size(args.dist_on_itp)
     args.lr = absolute_lr(args.lr, args.blr, args.batch_size * world_size * args.gradient_accumulation_steps)

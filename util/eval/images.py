@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from util.eval_layout import image_class
+from util.eval.layout import image_class
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -85,7 +85,7 @@ def read_generated_images(folder: str | os.PathLike, num_images: int,
                           class_num: int) -> tuple[torch.Tensor, torch.Tensor]:
     """An evaluation folder's ``{index:05d}.png`` for ``index < num_images`` and their intended classes.
 
-    Returns uint8 ``[num_images, 3, H, W]`` and int64 labels ``[num_images]`` (`util.eval_layout`).
+    Returns uint8 ``[num_images, 3, H, W]`` and int64 labels ``[num_images]`` (`util.eval.layout`).
     """
     folder = Path(folder)
     paths = [folder / f"{index:05d}.png" for index in range(num_images)]

@@ -1,6 +1,6 @@
 """The metrics an evaluation runs over its folder of generated images: one interface, one registry.
 
-A metric is built from the run's settings (`EVAL_METRICS[name](args)`), checks the files it needs before any
+A metric is built from the run's `MetricSettings` (`EVAL_METRICS[name](settings)`), checks the files it needs before any
 image is generated (`check`, which raises `MissingMetricFile` naming an absent file), and scores a finished
 folder (`compute(folder, device) -> {key: value}`); its keys go into the evaluation record (`metrics.json`),
 and its float values to tensorboard. After `check`, `sources()` names what the scores depend on besides the
@@ -13,17 +13,15 @@ on another network, VGG16, whose 528 MB weights file (`--prc_weights`) only that
 """
 from __future__ import annotations
 
-import argparse
 import os
 import weakref
-from typing import Any, Callable, Dict, Protocol, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 import torch_fidelity
 from torch_fidelity.utils import glob_samples_paths
 
-from util.io import file_sha256
-from util.metrics import (
+from util.eval.fidelity import (
     FEATURE_KID,
     FEATURE_PRC,
     IMAGE_EXTENSIONS,
@@ -44,6 +42,20 @@ from util.metrics import (
     resolve_inception_weights,
     resolve_vgg16_weights,
 )
+from util.io import file_source
+
+
+class MetricSettings(NamedTuple):
+    """What the metrics of an evaluation read: their files (None: the default place) and the generation's size."""
+
+    img_size: int                         # --img_size: a folder of real images is centre-cropped to it
+    num_images: int                       # --num_images
+    class_num: int                        # --class_num (class-major order, `util.eval.layout`)
+    fid_stats: Optional[str] = None       # --fid_stats: reference mu/sigma (default: the img_size's ImageNet file)
+    inception_weights: Optional[str] = None  # --inception_weights (default: torch-hub's cache)
+    ref_images: Optional[str] = None      # --ref_images: real images for kid, prc and digits
+    prc_weights: Optional[str] = None     # --prc_weights: VGG16 for prc (default: torch-hub's cache)
+    digits_judge: Optional[str] = None    # --digits_judge: the digits classifier file
 
 
 class EvalMetric(Protocol):
@@ -57,13 +69,6 @@ class EvalMetric(Protocol):
 
     def sources(self) -> Dict[str, str]:
         """What the scores depend on besides the images: files (with sha256) and library versions."""
-
-
-def file_source(key: str, path: str | None) -> Dict[str, str]:
-    """`{key: path, key_sha256: digest}` for a file; a folder (or None) is named without a digest."""
-    if path is None or not os.path.isfile(path):
-        return {key: path}
-    return {key: os.path.abspath(path), f"{key}_sha256": file_sha256(path)}
 
 
 def fidelity_sources(weights_key: str, weights_path: str, ref_key: str, ref_path: str | None) -> Dict[str, str]:
@@ -122,7 +127,7 @@ SHARED_INCEPTION = InceptionPass()  # the pass of every metric built from EVAL_M
 
 
 class FidInceptionScore:
-    """FID against reference statistics and the Inception Score, on stock torch-fidelity (`util.metrics`)."""
+    """FID against reference statistics and the Inception Score, on stock torch-fidelity (`util.eval.fidelity`)."""
 
     name = "fid_is"
 
@@ -136,8 +141,8 @@ class FidInceptionScore:
         self._sources: Dict[str, str] = {}
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> FidInceptionScore:
-        return cls(args.fid_stats, args.inception_weights, args.img_size)
+    def from_settings(cls, settings: MetricSettings) -> FidInceptionScore:
+        return cls(settings.fid_stats, settings.inception_weights, settings.img_size)
 
     def check(self) -> None:
         if self.stats_path is None:
@@ -153,7 +158,7 @@ class FidInceptionScore:
         return self._sources
 
     def compute(self, folder: str, device: torch.device) -> Dict[str, Any]:
-        """`fid`, `inception_score`, `inception_score_std` and `num_images`, as `util.metrics.compute_fid_is`."""
+        """`fid`, `inception_score`, `inception_score_std` and `num_images`, as `util.eval.fidelity.compute_fid_is`."""
         if self._reference is None:
             self.check()
         return metrics_from_features(self.inception.features(self, folder, device), self._reference)
@@ -180,8 +185,8 @@ class KernelInceptionDistance:
         self._sources: Dict[str, str] = {}
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> KernelInceptionDistance:
-        return cls(args.ref_images, args.inception_weights, args.img_size)
+    def from_settings(cls, settings: MetricSettings) -> KernelInceptionDistance:
+        return cls(settings.ref_images, settings.inception_weights, settings.img_size)
 
     def check(self) -> None:
         reference_images(self.ref_images, resize=self.img_size)
@@ -226,8 +231,8 @@ class PrecisionRecall:
         self._sources: Dict[str, str] = {}
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> PrecisionRecall:
-        return cls(args.ref_images, args.prc_weights, args.img_size)
+    def from_settings(cls, settings: MetricSettings) -> PrecisionRecall:
+        return cls(settings.ref_images, settings.prc_weights, settings.img_size)
 
     def check(self) -> None:
         reference_images(self.ref_images, resize=self.img_size)
@@ -253,16 +258,16 @@ class PrecisionRecall:
         return {"prc_precision": precision, "prc_recall": recall}
 
 
-def _digits_judge(args: argparse.Namespace) -> EvalMetric:
+def _digits_judge(settings: MetricSettings) -> EvalMetric:
     from digits.metric import DigitsJudge  # the digits wing is only imported when asked for
 
-    return DigitsJudge.from_args(args)
+    return DigitsJudge(settings.digits_judge, settings.ref_images, settings.num_images, settings.class_num)
 
 
-EVAL_METRICS: Dict[str, Callable[[argparse.Namespace], EvalMetric]] = {
-    "fid_is": FidInceptionScore.from_args,
-    "kid": KernelInceptionDistance.from_args,  # needs --ref_images; shares fid_is's Inception pass
-    "prc": PrecisionRecall.from_args,  # needs --ref_images and VGG16 weights (--prc_weights)
+EVAL_METRICS: Dict[str, Callable[[MetricSettings], EvalMetric]] = {
+    "fid_is": FidInceptionScore.from_settings,
+    "kid": KernelInceptionDistance.from_settings,  # needs --ref_images; shares fid_is's Inception pass
+    "prc": PrecisionRecall.from_settings,  # needs --ref_images and VGG16 weights (--prc_weights)
     "digits": _digits_judge,  # class-consistency, Frechet distance and spread under a digits classifier
 }
 DEFAULT_METRICS = ("fid_is",)

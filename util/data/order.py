@@ -67,8 +67,8 @@ class SeededSamples(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * _SEED_STRIDE + self.epoch) * _SEED_STRIDE + index)
+        with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only
+            torch.default_generator.manual_seed((self.seed * _SEED_STRIDE + self.epoch) * _SEED_STRIDE + index)
             return self.dataset[index]
 
 

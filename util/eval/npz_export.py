@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from util.images import list_pngs, read_rgb
+from util.eval.images import list_pngs, read_rgb
 from util.io import atomic_write
 
 PathLike = str | os.PathLike

@@ -56,7 +56,7 @@ from torchvision.models import VGG16_Weights
 from torchvision.transforms import Compose
 from tqdm import tqdm
 
-from util.crops import CenterCropArr
+from util.data.crops import CenterCropArr
 from util.io import atomic_write
 
 PathLike = str | os.PathLike
