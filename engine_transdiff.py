@@ -17,7 +17,7 @@ from util.eval.images import image_grid, to_uint8
 from util.eval.layout import Evaluation, claim_folder, image_class, image_path, image_seed, is_complete_png
 from util.eval.npz_export import write_adm_npz
 from util.eval.registry import EVAL_METRICS, MetricSettings
-from util.execution.precision import autocast_context, decode_precision
+from util.execution.precision import decode_precision
 from util.execution.wrap import parameter_digest
 from util.io import append_json_record, remove_stale_temp_files, save_png
 from util.logger import MetricLogger, SmoothedValue
@@ -36,7 +36,8 @@ class NonFiniteLoss(RunError):
 def decode_images(tokenizer, latents: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
     """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], `DECODE_CHUNK` at a time, in the decode precision
     (`util.execution.precision.decode_precision`: never float16)."""
-    with autocast_context(decode_precision(precision), device.type)():
+    in_bf16 = decode_precision(precision) == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=in_bf16):  # off also inside a sampling context
         return torch.cat([decode_from_latents(tokenizer, part) for part in latents.split(DECODE_CHUNK)])
 
 

@@ -2,7 +2,7 @@
 CPU or GPU. Accepts the original's flags (see README); `--help` groups and explains them.
 
 This file only orchestrates: flags and validation are `util.settings`, saving and restoring a run
-`util.run_state`, how the model runs `util.execution.wrap`, the loops `engine_transdiff`.
+`util.run_state`, how the model runs `util.execution`, the loops `engine_transdiff`.
 """
 import json
 import os

@@ -73,9 +73,10 @@ class RunSize(NamedTuple):
     judge_epochs: int    # training passes of the judge classifier
 
 
-# Class conditioning switches on after 300-500 steps (digits-feasibility.md); the samples keep getting smoother
-# long after that. Evaluation uses the deterministic Euler sampler at 10 steps, which drew these digits better
-# than 20 Euler-Maruyama steps (FD 14.0 against 16.3 at cfg 1.5) at half the cost; see benchmarks/digits_sweep.py.
+# Class conditioning switches on after 300-500 steps (seen in the study that chose this recipe); the samples keep
+# getting smoother long after that. Evaluation uses the deterministic Euler sampler at 10 steps, which drew these
+# digits better than 20 Euler-Maruyama steps (FD 14.0 against 16.3 at cfg 1.5) at half the cost (see
+# benchmarks/digits_sweep.py).
 EVAL_SAMPLER = "euler"
 DEFAULT_RUN = RunSize(steps=4400, num_images=500, sampling_steps=10, judge_epochs=20)
 SMALL_RUN = RunSize(steps=1, num_images=100, sampling_steps=2, judge_epochs=1)

@@ -7,7 +7,7 @@
 The executions (`VARIANTS`, chosen with `--pair A,B`):
 
 * `faithful`: the original's way: the condition projected for every diffusion copy in training and, in sampling,
-  the encoder once per image and the condition's keys/values again at every step (`models.reference`); AdamW
+  the encoder once per image and the condition's keys/values again at every step (`tests/support/reference.py`); AdamW
   with torch's default implementation for the device (a per-parameter loop on CPU); a per-parameter EMA loop.
 * `eager`: this project's default: keys/values once per sample and shared by its copies, the encoder once per
   distinct label and the keys/values once per condition in sampling, `util.optim.build_optimizer` (fused AdamW),
@@ -57,7 +57,7 @@ SEED = 0
 
 
 class Variant(NamedTuple):
-    shared_work: bool          # TransDiff's shared keys/values and label conditions, else models.reference
+    shared_work: bool          # TransDiff's shared keys/values and label conditions, else tests/support/reference.py
     compiled: bool             # util.execution.compile_blocks
     project_optimizer: bool    # build_optimizer and EMA.update, else torch's default AdamW and a per-parameter EMA
     grad_checkpointing: bool
@@ -125,7 +125,7 @@ def autocast(args, device):
 def train_worker(args, variant: Variant, device) -> dict:
     import torch
 
-    from models.reference import per_copy_forward_loss
+    from tests.support.reference import per_copy_forward_loss
     from util.execution.wrap import wrap_model
     from util.optim import EMA, build_optimizer, param_groups_weight_decay
 
@@ -175,7 +175,7 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
     import torch
 
     from models.noise import TorchNoise
-    from models.reference import per_image_samples
+    from tests.support.reference import per_image_samples
     from util.execution.wrap import compile_blocks
 
     model = build_model(args, device).eval()

@@ -132,14 +132,18 @@ def table(rows: list[dict], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="quickstart_out", help="a finished quickstart output folder")
     parser.add_argument("--cfg", default=None, help="comma-separated cfg values (default: the quickstart's best)")
     parser.add_argument("--num_images", default=500, type=int)
     parser.add_argument("--fast", default="euler,10", help="sampler,steps of the interval and precision sweeps")
     parser.add_argument("--threads", default=1, type=int)
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = get_args_parser().parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     report = json.loads((out / "quickstart_metrics.json").read_text())

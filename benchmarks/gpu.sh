@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # TransDiff-B and -L on one CUDA GPU at bf16: training and sampling images per second, eager against compiled
 # (--compile), with peak memory. Batches as in the original README: training 32 per GPU with
-# diffusion_batch_mul 4, sampling --eval_bsz 256 at cfg 1.5. About 4 minutes on an H100-class GPU.
+# diffusion_batch_mul 4, sampling --eval_bsz 256 at cfg 1.5. Not yet run on a GPU (docs/gpu.md).
 #
-#     bash benchmarks/gpu.sh [python]        # default: .venv/bin/python if present, else python
+#     bash benchmarks/gpu.sh [python]        # default: .venv/bin/python if present, else python3
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+PYTHON=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print(torch.cuda.get_device_name(), torch.__version__)"
 for model in transdiff_base transdiff_large; do
   "$PYTHON" benchmarks/compare.py --pair eager,compiled --model "$model" --device cuda --precision bf16 --rounds 1 \

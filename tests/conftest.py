@@ -9,7 +9,7 @@ import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # the project's packages, and `tests.support`
 
 # Every process of the CI machine competes for its two cores; one thread per process avoids
 # OpenMP oversubscription, which ran 4-6x slower than a single thread here.
@@ -17,6 +17,7 @@ torch.set_num_threads(1)
 
 
 GOLDEN_DIR = REPO_ROOT / "tests" / "golden"
+pytest_plugins = ("tests.support.image_sets",)
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +83,22 @@ def tiny_vgg_weights(tmp_path, monkeypatch):
         state_dict = TinyVGG().state_dict()
     torch.save(state_dict, tmp_path / "vgg16-tiny.pth")
     return tmp_path / "vgg16-tiny.pth"
+
+
+FOLDER_MARKERS = {"e2e": "e2e", "compile": "compile", "gpu": "gpu"}  # tests/<folder>/ -> marker
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers follow folders: tests/e2e/ is `e2e`, tests/compile/ `compile`, tests/gpu/ `gpu`; tests/unit/ has none."""
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        folder = Path(item.fspath).resolve().relative_to(tests_dir).parts[0]
+        if folder in FOLDER_MARKERS:
+            item.add_marker(FOLDER_MARKERS[folder])
+
+
+def pytest_runtest_setup(item):
+    """The CUDA smoke suite needs a GPU: skipped, with the reason, where torch sees none."""
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the GPU smoke suite runs on a GPU machine (bash scripts/gpu_check.sh, "
+                    "docs/gpu.md)")

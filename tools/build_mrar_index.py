@@ -134,8 +134,7 @@ def build_mrar_index(image_root: str, out_path: str, mode: str = "random", seed:
     return len(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_path", required=True, help="dataset root holding train/<class>/<image>")
     parser.add_argument("--out", required=True, help="output JSON-lines file")
@@ -145,6 +144,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="nearest mode: a torch file with a dict '<class>/<file>' -> vector "
                              "(e.g. VAE latent means); default: 8x8 center-cropped pixels")
     parser.add_argument("--feature_size", type=int, default=8, help="side of the default pixel features")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.features is not None and args.mode != "nearest":
         parser.error("--features is only used with --mode nearest")

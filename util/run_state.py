@@ -83,7 +83,9 @@ def find_resume_checkpoint(resume: str | None, load_step: str = LAST) -> str | N
 def rng_state(device: torch.device) -> dict:
     """This process's generator states: torch's CPU one, numpy's, Python's, and that of its own CUDA device (a
     rank trains on one device; the others it may see belong to other ranks)."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()}
+    _, numpy_key, *numpy_position = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_key.tolist(), "numpy_position": numpy_position,
+             "python": random.getstate()}
     if device.type == "cuda":
         state["cuda_device"] = torch.cuda.get_rng_state(device)
     return state
@@ -107,8 +109,8 @@ def restore_rng_state(states: list | None, device: torch.device) -> bool:
         return False
     state = states[dist.get_rank()]
     torch.set_rng_state(state["torch"])
-    numpy_state = np.random.get_state()
-    np.random.set_state((numpy_state[0], np.array(state["numpy"], dtype=np.uint32), *numpy_state[2:]))
+    name, _, *position = np.random.get_state()  # older checkpoints saved the key alone: keep the position
+    np.random.set_state((name, np.array(state["numpy"], dtype=np.uint32), *state.get("numpy_position", position)))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     if device.type == "cuda":
         cuda_state = _cuda_state(state, device)

@@ -62,7 +62,7 @@ from util.io import atomic_write
 PathLike = str | os.PathLike
 DeviceLike = str | torch.device
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # util/eval/fidelity.py -> the repository
 
 INCEPTION_EXTRACTOR = "inception-v3-compat"
 FEATURE_ISC = "logits_unbiased"  # torch-fidelity's default layer for the Inception Score

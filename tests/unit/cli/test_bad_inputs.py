@@ -1,0 +1,137 @@
+"""The bad inputs of the fault campaign, in-process: each ends in one `main.py: error: ...` line and a non-zero
+exit (no traceback), and changes no file it was given."""
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from tests.support.runs import write_image_folder
+from util.checkpoint import save_checkpoint
+from util.settings import get_args_parser
+
+TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
+        "--buffer_size 4 --device cpu --num_workers 0 --batch_size 4").split()
+EVAL = "--evaluate --num_images 3 --eval_bsz 3 --num_sampling_steps 2".split()
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    write_image_folder(root / "data")
+    torch.manual_seed(0)
+    model = main.build_model(get_args_parser().parse_args(TINY))
+    good = root / "good.pth"
+    save_checkpoint(str(good), {"model": model.state_dict(), "model_ema": model.state_dict(), "epoch": 2,
+                                "args": {"model": "transdiff_tiny"}})
+    (root / "truncated.pth").write_bytes(good.read_bytes()[:100_000])
+    (root / "random.pth").write_bytes(np.random.RandomState(0).bytes(200_000))
+    torch.save([1, 2], root / "list.pth")
+    torch.save({"foo.weight": torch.zeros(2)}, root / "foreign.pth")
+    torch.save({"model": {}, "payload": Evil()}, root / "evil.pth")
+    (root / "corrupt.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    np.savez(root / "pickled.npz", mu=np.array([object()], dtype=object), sigma=np.zeros((1, 1)))
+    (root / "inception.pth").write_text("not weights")
+    (root / "index.jsonl").write_text(json.dumps({"cate": "ants", "files": ["0.png", "1.png", "../bees/2.png",
+                                                                           "3.png"]}) + "\n")
+    (root / "a_file").write_text("x")
+    return root
+
+
+def inputs_digest(root):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).iterdir()) if p.is_file()}
+
+
+CASES = {
+    "truncated_checkpoint": (["--resume", "{root}/truncated.pth", *EVAL], "truncated.pth is not a PyTorch checkpoint"),
+    "random_bytes_checkpoint": (["--resume", "{root}/random.pth", *EVAL], "random.pth is not a PyTorch checkpoint"),
+    "pickled_list": (["--resume", "{root}/list.pth", *EVAL], "list.pth holds a list, not a checkpoint dict"),
+    "malicious_pickle": (["--resume", "{root}/evil.pth", *EVAL], "outside the allow-list"),
+    "foreign_state_dict": (["--resume", "{root}/foreign.pth", *EVAL], "foreign.pth: checkpoint does not fit"),
+    "other_class_num": (["--resume", "{root}/good.pth", "--class_num", "6", *EVAL[:1], "--num_images", "6",
+                         *EVAL[3:]], "pass --class_num 3"),
+    "other_width": (["--resume", "{root}/good.pth", "--model", "transdiff_base", *EVAL], "pass --model transdiff_tiny"),
+    "mistyped_resume": (["--resume", "{root}/chekpoint-last.pth", "--epochs", "1"], "no such file or folder"),
+    "evaluate_without_weights": (EVAL, "--evaluate needs weights"),
+    "corrupt_fid_stats": (["--resume", "{root}/good.pth", *EVAL, "--fid_stats", "{root}/corrupt.npz",
+                           "--require_metrics"], "corrupt.npz is not a readable .npz"),
+    "pickled_fid_stats": (["--resume", "{root}/good.pth", *EVAL, "--fid_stats", "{root}/pickled.npz",
+                           "--require_metrics"], "pickled.npz is not a readable .npz"),
+    "mixed_class_mrar_group": (["--mrar", "--patch_size", "2", "--mrar_index", "{root}/index.jsonl", "--epochs", "1"],
+                               "a group holds images of its own class"),
+    "output_dir_is_a_file": (["--output_dir", "{root}/a_file", "--epochs", "1"], "a_file"),
+    "sampler_unknown": (["--sampler", "ddim", "--epochs", "1"], None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_bad_input_is_one_clear_line(name, files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags, message = CASES[name]
+    flags = [flag.format(root=files) for flag in flags]
+    out = ["--output_dir", str(tmp_path / "out")] if "--output_dir" not in flags else []
+    before = inputs_digest(files)
+    with pytest.raises(SystemExit) as exited:
+        main.cli([*TINY, "--data_path", str(files / "data"), *out, *flags])
+    err = capsys.readouterr().err
+    assert exited.value.code not in (0, None)
+    if message is not None:
+        assert message in err and err.startswith("main.py: error: "), err
+    assert inputs_digest(files) == before
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_inception_weights_are_checked_before_generation(files, tmp_path, capsys):
+    stats = tmp_path / "stats.npz"
+    np.savez(stats, mu=np.zeros(4, np.float32), sigma=np.eye(4))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        main.cli([*TINY, "--resume", str(files / "good.pth"), "--output_dir", str(out), *EVAL, "--fid_stats",
+                  str(stats), "--inception_weights", str(files / "inception.pth"), "--require_metrics"])
+    err = capsys.readouterr().err
+    assert "inception.pth is not a weights file of torch-fidelity" in err and "weights_only=False" not in err
+    assert not list(out.glob("*/*.png"))  # nothing generated
+
+
+def test_epochs_below_the_resumed_epoch_is_an_error_and_equal_is_a_notice(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [*TINY, "--data_path", str(files / "data"), "--output_dir", str(out), "--blr", "1e-3"]
+    main.cli([*args, "--epochs", "2"])
+    main.cli([*args, "--epochs", "2"])
+    assert "nothing to train" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main.cli([*args, "--epochs", "1"])
+    assert exited.value.code == 2 and "raise --epochs" in capsys.readouterr().err
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+
+
+def test_args_json_is_written_by_training_only(files, tmp_path):
+    out = tmp_path / "out"
+    main.cli([*TINY, "--data_path", str(files / "data"), "--output_dir", str(out), "--epochs", "1"])
+    before = (out / "args.json").read_bytes()
+    main.cli([*TINY, "--resume", str(out), "--output_dir", str(out), *EVAL])
+    assert (out / "args.json").read_bytes() == before
+
+
+def test_full_disk_is_named_in_plain_words(tmp_path, monkeypatch):
+    from util.errors import describe
+    from util.io import atomic_write
+
+    def full(handle):
+        handle.write(b"x")
+        raise RuntimeError("enforce fail: unexpected pos") from OSError(28, "No space left on device")
+
+    with pytest.raises(OSError) as raised:
+        atomic_write(str(tmp_path / "checkpoint-last.pth"), full)
+    assert describe(raised.value).startswith("no space left on device: ")
+    assert os.listdir(tmp_path) == []

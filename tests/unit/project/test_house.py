@@ -1,0 +1,107 @@
+"""The house's rules, read from the code itself: models/ holds the math alone, run settings stop at the
+orchestrators, the project's modules import each other without a cycle, and no dependency outside the allowed."""
+import ast
+import re
+
+import pytest
+
+from tests.support import REPO_ROOT
+
+ROOMS = ("models", "util", "digits", "tools")
+TOP_LEVEL = ("main", "main_cache", "engine_transdiff", "quickstart")
+
+
+def project_modules() -> dict:
+    """Every module of the project (tests and benchmarks aside): dotted name -> path."""
+    modules = {name: REPO_ROOT / f"{name}.py" for name in TOP_LEVEL}
+    for room in ROOMS:
+        for path in (REPO_ROOT / room).rglob("*.py"):
+            parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+MODULES = project_modules()
+
+
+def imports_of(path) -> set:
+    """The modules `path` imports, at its top or inside functions: dotted names as written."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def project_imports(path) -> set:
+    return {name for name in imports_of(path) if name in MODULES}
+
+
+def test_models_hold_the_math_alone():
+    """No execution machinery under models/: no custom ops, no C, no ctypes or subprocess, nothing from util/."""
+    assert not list((REPO_ROOT / "models").rglob("*.c"))
+    for path in (REPO_ROOT / "models").rglob("*.py"):
+        roots = {name.split(".")[0] for name in imports_of(path)}
+        assert not roots & {"ctypes", "subprocess", "util"}, path
+        assert "torch.library" not in path.read_text(), path
+
+
+def test_no_c_sources_anywhere():
+    assert not [p for p in REPO_ROOT.rglob("*.c") if ".venv" not in p.parts]
+
+
+def test_run_settings_stop_at_the_orchestrators():
+    """No function under util/, digits/ or models/ takes the whole namespace, but the settings step's own."""
+    allowed = {("util/settings.py", "resolve_args"), ("util/settings.py", "resolve_device")}
+    for room in ("util", "digits", "models"):
+        for path in (REPO_ROOT / room).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    names = [a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs)]
+                    where = (path.relative_to(REPO_ROOT).as_posix(), node.name)
+                    assert "args" not in names or where in allowed, where
+
+
+def test_the_import_graph_of_the_project_has_no_cycle():
+    graph = {name: {target for target in project_imports(path) if target != name} for name, path in MODULES.items()}
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(name):], name]))
+        if name in done:
+            return
+        path.append(name)
+        for target in sorted(graph[name]):
+            visit(target)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
+
+
+@pytest.mark.parametrize("room", ["models", "util"])
+def test_lower_rooms_do_not_import_the_orchestrators(room):
+    for path in (REPO_ROOT / room).rglob("*.py"):
+        assert not {name.split(".")[0] for name in imports_of(path)} & set(TOP_LEVEL), path
+
+
+def test_no_forbidden_dependencies():
+    """diffusers, transformers and opencv are not dependencies: their few helpers are our own lines."""
+    sources = [p for p in REPO_ROOT.rglob("*.py") if ".venv" not in p.parts] + [REPO_ROOT / "demo.ipynb"]
+    for path in sources:
+        for line in path.read_text().splitlines():
+            words = line.replace('"', " ").strip().split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1:
+                assert words[1].split(".")[0] not in {"diffusers", "transformers", "cv2"}, f"{path}: {line}"
+
+
+def test_the_readme_is_a_first_screen():
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12_000
+    for page in re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme):
+        assert (REPO_ROOT / page).is_file(), page
