@@ -2,7 +2,7 @@
 
 Owns the checkpoint file names (`checkpoint_path`: ``checkpoint-last.pth`` and ``checkpoint-<epoch>.pth``,
 the original's), the restore policy (`restore`), every rank's RNG state, and the save (`save`) with the
-ranks' weight digests from `util.execution.wrap`. The file format itself (atomic write, safe load, finetune
+ranks' weight and EMA digests from `util.execution.wrap`. The file format itself (atomic write, safe load, finetune
 adaptation, the explanation of a mismatch) is `util.checkpoint`'s.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
 from util.checkpoint import adapt_state_dict, load_checkpoint, save_checkpoint, select_weights
 from util.errors import Preempted
-from util.execution.wrap import RanksDiverged, parameter_digest
+from util.execution.wrap import replica_digests
 
 LAST = "last"
 SAME_RUN_KEYS = ("model", "mrar", "img_size")  # a training checkpoint with these continues exactly
@@ -147,9 +147,7 @@ def save(run: RunSettings, name: str | int, execution, ema, optimizer, scaler, p
     states = dist.all_gather_object(rng_state(device))
     label = f"epoch {position.epoch}, step {position.epoch_step}"
     weights, digests = execution.state_dict(label)
-    ema_digests = dist.all_gather_object(parameter_digest(ema.module))
-    if len(set(ema_digests)) != 1:
-        raise RanksDiverged(f"the ranks' EMA weights diverged at {label}: {ema_digests}")
+    ema_digests = replica_digests(ema.module, "EMA weights", label)
     path = checkpoint_path(run.output_dir, name)
     if not dist.is_main_process():
         return path

@@ -42,6 +42,17 @@ def parameter_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def replica_digests(module: torch.nn.Module, what: str, label: str) -> list[str]:
+    """Every rank's `parameter_digest` of its copy of `module`, in rank order (a collective: all ranks call it).
+
+    Raises RanksDiverged, naming `what` (the weights, the EMA) and `label` (where the run is), when they differ.
+    """
+    digests = dist.all_gather_object(parameter_digest(module))
+    if len(set(digests)) != 1:
+        raise RanksDiverged(f"the ranks' {what} diverged at {label}: {digests}")
+    return digests
+
+
 def compiled_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks `compile_blocks` compiles: the encoder's and the velocity network's."""
     return [*model.encoder_blocks, *model.diffdecoder.net.res_blocks]
@@ -76,20 +87,13 @@ class Execution:
         """Context for one micro-step; ``sync=False`` skips the gradient all-reduce (accumulation)."""
         return dist.ddp_sync(self.train_module, sync)
 
-    def rank_digests(self) -> list[str]:
-        """Every rank's weight digest, in rank order (a collective: all ranks call it)."""
-        return dist.all_gather_object(parameter_digest(self.module))
-
     def state_dict(self, label: str) -> tuple[dict, list[str]]:
         """The full state dict to save and the ranks' digests (a collective: all ranks call it).
 
         Raises RanksDiverged, naming ``label`` (e.g. the epoch), when a replicated strategy's ranks differ,
         rather than silently saving rank 0's copy.
         """
-        digests = self.rank_digests()
-        if len(set(digests)) != 1:
-            raise RanksDiverged(f"the ranks' weights diverged at {label}: {digests}")
-        return self.module.state_dict(), digests
+        return self.module.state_dict(), replica_digests(self.module, "weights", label)
 
 
 def wrap_model(model: torch.nn.Module, device: torch.device, strategy: str = "ddp",

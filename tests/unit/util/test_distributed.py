@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from util import distributed as du
+from util.execution.wrap import RanksDiverged, replica_digests
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
                  "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
@@ -103,6 +104,15 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         with du.ddp_sync(model, sync=True):
             model(inputs).sum().backward()
         assert model.module.weight.grad.item() == pytest.approx(1.5)  # mean of 1 and 2
+
+        torch.manual_seed(rank)  # each rank its own initialisation, as main.py builds them
+        replica = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+        with pytest.raises(RanksDiverged, match="the ranks' EMA weights diverged at step 7"):
+            replica_digests(replica, "EMA weights", "step 7")
+        du.broadcast_module(replica)
+        torch.manual_seed(0)
+        assert torch.equal(replica[0].weight, torch.nn.Linear(2, 2).weight)  # rank 0's
+        assert len(set(replica_digests(replica, "weights", "step 8"))) == 1
         du.barrier()
     finally:
         du.cleanup()
