@@ -2,6 +2,8 @@
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -16,7 +18,8 @@ from util.eval.fidelity import MissingMetricFile
 from util.eval.images import image_grid, to_uint8
 from util.eval.layout import Evaluation, claim_folder, image_class, image_path, image_seed, is_complete_png
 from util.eval.npz_export import write_adm_npz
-from util.eval.registry import EVAL_METRICS, MetricSettings
+from util.eval.registry import EVAL_METRICS, SHARED_INCEPTION, MetricSettings
+from util.execution.flops import Throughput
 from util.execution.precision import decode_precision
 from util.execution.wrap import parameter_digest
 from util.io import append_json_record, remove_stale_temp_files, save_png
@@ -27,6 +30,7 @@ PRINT_FREQ = 20
 # Images per VAE decode call: the decoder's full-resolution activations grow with the batch and dominate an
 # evaluation's memory at --eval_bsz 256 (docs/gpu.md), so a batch is decoded in slices of this many.
 DECODE_CHUNK = 32
+PNG_WRITERS = 4  # threads encoding and writing an evaluation's PNGs beside the generation
 
 
 class NonFiniteLoss(RunError):
@@ -52,19 +56,79 @@ def batch_to_latents(batch, tokenizer, device, use_cached: bool):
     return (latents if len(latents) > 1 else latents[0]), labels.to(device, non_blocking=True)
 
 
+class Window(NamedTuple):
+    """The training steps between two reads of the loss: their mean loss over every rank, and the speed."""
+
+    loss: float
+    steps: int
+    throughput: Throughput
+
+
+class TrainingMonitor:
+    """The training loss and speed, read from the device only every `PRINT_FREQ` steps and before every save.
+
+    A step adds its loss to a sum that stays on the device, so no step waits for the GPU; `flush` reduces the sum
+    over the ranks (one device synchronisation), checks it is finite, and records a `Window` with the images per
+    second and the model FLOP/s (`util.execution.flops`) since the previous flush.
+    """
+
+    def __init__(self, device: torch.device, images_per_step: int, flops_per_image: float,
+                 peak: Optional[float] = None):
+        self.device, self.images_per_step = device, images_per_step
+        self.flops_per_image, self.peak = flops_per_image, peak
+        self.windows: List[Window] = []
+        self._restart(None)
+
+    def _restart(self, position) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.steps, self.first, self.last = 0, position, position
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, epoch: int, step: int) -> None:
+        """Count one micro-batch's loss (a scalar on the device) of batch `step` of `epoch`."""
+        self.loss_sum += loss.detach().float()
+        self.steps += 1
+        self.first, self.last = self.first or (epoch, step), (epoch, step)
+
+    def flush(self) -> None:
+        """Read the steps added since the last flush into `windows`; raises NonFiniteLoss for a NaN or infinite
+        loss (it is called before every save, so a diverged step is never saved)."""
+        if not self.steps:
+            return
+        loss = dist.all_reduce_mean(self.loss_sum) / self.steps
+        if not math.isfinite(loss):
+            (epoch, first), (_, last) = self.first, self.last
+            raise NonFiniteLoss(f"loss is {loss} at epoch {epoch}, steps {first}-{last}; stopping. The last "
+                                "checkpoint is untouched. With fp16, try --bf16.")
+        seconds = time.perf_counter() - self.started
+        self.windows.append(Window(loss, self.steps, Throughput.of(
+            self.steps * self.images_per_step, seconds, self.flops_per_image, self.peak)))
+        self._restart(None)
+
+    def take(self) -> List[Window]:
+        """The windows flushed since the last call."""
+        windows, self.windows = self.windows, []
+        return windows
+
+
 def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context, writer,
-                    logger, start_step=0, steps_per_epoch=None, after_optimizer_step=None):
-    """One pass over `loader` with the model of `execution` (`util.execution.wrap`); returns the epoch's averaged stats.
+                    logger, monitor: TrainingMonitor, start_step=0, steps_per_epoch=None, after_optimizer_step=None):
+    """One pass over `loader` with the model of `execution` (`util.execution.wrap`); returns the epoch's averages.
 
     Gradients of `gradient_accumulation_steps` micro-batches are summed (Parity: the original does not
     divide the loss), gradients are synchronised only on the last micro-batch, then clip, step, EMA update.
     A resumed epoch starts at batch `start_step` of `steps_per_epoch` (the loader yields the rest);
-    `after_optimizer_step(batches_done)` runs after every optimizer step (mid-epoch checkpoints).
+    `after_optimizer_step(batches_done)` runs after every optimizer step (mid-epoch checkpoints). The loss is
+    read from the device every `PRINT_FREQ` steps (`monitor`), when the progress line is printed.
     """
     model = execution.module
     execution.train_module.train()
     metrics = MetricLogger(print_fn=logger.info)
     metrics.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
+    for name in ("img/s", "tflop/s"):
+        metrics.add_meter(name, SmoothedValue(window_size=1, fmt="{value:.3g}"))
+    if monitor.peak:
+        metrics.add_meter("mfu", SmoothedValue(window_size=1, fmt="{value:.1%}"))
     schedule = LrSchedule(args.lr, args.warmup_epochs, args.epochs, args.lr_schedule, args.min_lr)
     accumulation = args.gradient_accumulation_steps
     steps = steps_per_epoch or len(loader)
@@ -77,11 +141,8 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
         with execution.grad_sync(sync):
             with context():
                 loss = execution.train_module(latents, labels)
-            loss_value = dist.all_reduce_mean(loss.detach().float())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(f"loss is {loss_value} at epoch {epoch}, step {step}; stopping. The last "
-                                    "checkpoint is untouched. With fp16, try --bf16.")
             (scaler.scale(loss) if scaler.is_enabled() else loss).backward()
+        monitor.add(loss, epoch, step)
         if sync:
             if scaler.is_enabled():
                 scaler.unscale_(optimizer)
@@ -91,17 +152,31 @@ def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             ema.update(model, args.ema_rate)
-        metrics.update(loss=loss_value, lr=lr)
-        epoch_1000x = int((step / steps + epoch) * 1000)
-        writer.add_scalar("train_loss", loss_value, epoch_1000x)
-        writer.add_scalar("lr", lr, epoch_1000x)
         if first_step_started is not None:
             seconds = time.time() - first_step_started
             logger.info(f"--compile: the first step, compilation included, took {seconds:.1f} s")
             execution.first_step_done, first_step_started = True, None
+        if (step - start_step) % PRINT_FREQ == 0 or step + 1 == steps:  # when log_every prints
+            monitor.flush()
+            report(monitor.take(), metrics, writer, lr, int((step / steps + epoch) * 1000))
         if sync and after_optimizer_step is not None:
             after_optimizer_step(step + 1)
     return {name: meter.global_avg for name, meter in metrics.meters.items()}
+
+
+def report(windows: List[Window], metrics: MetricLogger, writer, lr: float, epoch_1000x: int) -> None:
+    """Windows of steps into the progress line's meters and tensorboard."""
+    for window in windows:
+        metrics.meters["loss"].update(window.loss, n=window.steps)
+        metrics.meters["img/s"].update(window.throughput.images_per_second, n=window.steps)
+        metrics.meters["tflop/s"].update(window.throughput.flops_per_second / 1e12, n=window.steps)
+        writer.add_scalar("train_loss", window.loss, epoch_1000x)
+        writer.add_scalar("images_per_second", window.throughput.images_per_second, epoch_1000x)
+        if window.throughput.mfu is not None:
+            metrics.meters["mfu"].update(window.throughput.mfu, n=window.steps)
+            writer.add_scalar("mfu", window.throughput.mfu, epoch_1000x)
+    metrics.meters["lr"].update(lr)
+    writer.add_scalar("lr", lr, epoch_1000x)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -123,34 +198,47 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
 
     Batches of `eval_bsz` consecutive indices are dealt round-robin to the ranks; a batch whose PNGs all
     exist and decode at the right size is skipped, so an interrupted run resumes without duplicating or
-    skipping images, and a truncated image is made again.
+    skipping images, and a truncated image is made again. PNGs are encoded and written by `PNG_WRITERS` threads
+    while the next batch is generated (each atomically: a kill leaves complete PNGs only); at most two batches
+    wait for them.
     """
     num_batches = math.ceil(args.num_images / args.eval_bsz)
     mine = range(dist.get_rank(), num_batches, dist.get_world_size())
     generated, timed, seconds = 0, 0, 0.0
     progress = tqdm(mine, desc="generating", disable=not dist.is_main_process(), dynamic_ncols=True)
-    for batch in progress:
-        indices = range(batch * args.eval_bsz, min((batch + 1) * args.eval_bsz, args.num_images))
-        paths = [image_path(folder, index) for index in indices]
-        if all(is_complete_png(path, args.img_size) for path in paths):
-            continue
-        started = time.time()
-        labels = torch.tensor([image_class(i, args.num_images, args.class_num) for i in indices], device=device)
-        noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in indices)
-        with context():
-            latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
-                                  scale_0=args.scale_0, scale_1=args.scale_1, generator=noise,
-                                  cfg_interval=args.cfg_interval)
-        images = decode_images(tokenizer, latents, args.precision, device)
-        for path, pixels in zip(paths, to_uint8(images)):
-            save_png(path, pixels)
-        if generated:  # the first batch includes warm-up; time the rest, as the original
-            seconds += time.time() - started
-            timed += len(paths)
-        generated += len(paths)
+    writing: List[List[Future]] = []  # the PNG writes of the batches still in flight
+    with ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png") as writers:
+        for batch in progress:
+            indices = range(batch * args.eval_bsz, min((batch + 1) * args.eval_bsz, args.num_images))
+            paths = [image_path(folder, index) for index in indices]
+            if all(is_complete_png(path, args.img_size) for path in paths):
+                continue
+            started = time.time()
+            labels = torch.tensor([image_class(i, args.num_images, args.class_num) for i in indices], device=device)
+            noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in indices)
+            with context():
+                latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
+                                      scale_0=args.scale_0, scale_1=args.scale_1, generator=noise,
+                                      cfg_interval=args.cfg_interval)
+            images = decode_images(tokenizer, latents, args.precision, device)
+            writing.append([writers.submit(save_png, path, pixels) for path, pixels in zip(paths, to_uint8(images))])
+            while len(writing) > 2:
+                wait_for(writing.pop(0))
+            if generated:  # the first batch includes warm-up; time the rest, as the original
+                seconds += time.time() - started
+                timed += len(paths)
+            generated += len(paths)
+        for writes in writing:
+            wait_for(writes)
     if timed:
         logger.info(f"rank {dist.get_rank()}: {seconds / timed:.4f} s per image")
     return generated
+
+
+def wait_for(writes: List[Future]) -> None:
+    """Wait for PNG writes, raising the first write's error (a full disk) in the generating thread."""
+    for write in writes:
+        write.result()
 
 
 def build_metrics(args):
@@ -203,6 +291,7 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     generate_images(net, tokenizer, folder, args, cfg, device, context, logger)
     net.train(was_training)
     dist.barrier()
+    SHARED_INCEPTION.extract(folder, device)  # every rank's share of the Inception features, for rank 0
 
     record = {**settings, "folder": folder, "generation_minutes": (time.time() - started) / 60}
     if dist.is_main_process():
@@ -226,7 +315,7 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
             record.setdefault("metrics_skipped", {})[name] = why
             logger.warning(f"images kept in {folder}; {name} skipped: {why}")
         append_json_record(os.path.join(args.output_dir, "metrics.json"), record)
-    dist.barrier()
+    dist.wait_for_main_process()
     return record
 
 

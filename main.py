@@ -22,6 +22,7 @@ from util.data.crops import train_transform
 from util.data.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
 from util.data.order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.errors import run_cli
+from util.execution.flops import peak_flops, training_flops_per_image
 from util.execution.precision import autocast_context, configure_cuda_backends, uses_grad_scaler
 from util.execution.wrap import compile_blocks, wrap_model
 from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
@@ -68,7 +69,7 @@ def build_train_loader(args, device):
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
                                          num_workers=args.num_workers, drop_last=True,
                                          pin_memory=args.pin_mem and device.type == "cuda",
-                                         generator=torch.Generator())
+                                         persistent_workers=args.num_workers > 0, generator=torch.Generator())
     if sampler.full_batches == 0:
         raise SettingsError(f"{len(dataset)} training examples on {dist.get_world_size()} process(es) give no full "
                             f"batch of {args.batch_size}; lower --batch_size")
@@ -130,8 +131,19 @@ def restore_replicas(run, model, ema, optimizer, scaler, logger) -> run_state.Re
     return restored
 
 
+def training_monitor(args, device, logger) -> engine.TrainingMonitor:
+    """The loss and speed reader of a run, with the model FLOPs of a training image counted on the meta device."""
+    flops = training_flops_per_image(lambda: build_model(args))
+    peak = peak_flops(device, args.precision, args.tf32, args.peak_tflops)
+    logger.info(f"model FLOPs: {flops / 1e12:.4g} TFLOP per training image (forward and backward, "
+                f"diffusion_batch_mul {args.diffusion_batch_mul}); "
+                + (f"peak {peak / 1e12:.0f} TFLOP/s at {args.precision}: MFU in the progress lines" if peak else
+                   "no known peak for this device (--peak_tflops): achieved TFLOP/s in the progress lines"))
+    return engine.TrainingMonitor(device, args.batch_size, flops, peak)
+
+
 def train(args, model, ema, tokenizer, device, context, logger):
-    optimizer = build_optimizer(model, args.lr, args.weight_decay, device_type=device.type)
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, device_type=device.type, shard_state=args.zero1)
     scaler = build_grad_scaler(uses_grad_scaler(args.precision), device.type)
     run = run_settings(args)
     restored = restore_replicas(run, model, ema, optimizer, scaler, logger)
@@ -145,11 +157,13 @@ def train(args, model, ema, tokenizer, device, context, logger):
                 f"{steps} batches per epoch and process; lr {args.lr:.3g}")
     if dist.is_main_process():
         start_training_run(args, logger, restored.start_epoch)
+    monitor = training_monitor(args, device, logger)
     execution = wrap_model(model, device, compile=args.compile)
     writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process(),
                                purge_step=int((restored.start_epoch + restored.start_step / steps) * 1000))
     can_preview = args.preview_freq and not any(p.is_meta for p in tokenizer.parameters())
-    checkpoints = run_state.Checkpointer(run, execution, ema, optimizer, scaler, steps, logger)
+    checkpoints = run_state.Checkpointer(run, execution, ema, optimizer, scaler, steps, logger,
+                                         before_save=monitor.flush)
     logger.info(f"training epochs {restored.start_epoch}..{args.epochs - 1}" if restored.start_epoch < args.epochs
                 else f"nothing to train: the run already finished epoch {args.epochs - 1}")
     started = time.time()
@@ -157,10 +171,9 @@ def train(args, model, ema, tokenizer, device, context, logger):
         for epoch in range(restored.start_epoch, args.epochs):
             start_step = restored.start_step if epoch == restored.start_epoch else 0
             sampler.set_position(epoch, start_step)
-            dataset.set_epoch(epoch)
             loader.generator.manual_seed(epoch_loader_seed(args.seed, epoch))
             stats = engine.train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device,
-                                           context, writer, logger, start_step, steps,
+                                           context, writer, logger, monitor, start_step, steps,
                                            lambda done, epoch=epoch: checkpoints.inside_epoch(epoch, done))
             last_epoch = epoch + 1 == args.epochs
             if epoch % args.save_last_freq == 0 or last_epoch:
@@ -207,6 +220,7 @@ def main(args):
     try:
         if args.evaluate:
             restored = restore_replicas(run_settings(args), model, ema, None, None, logger)
+            (ema.module if args.eval_wo_ema else model).to("cpu")  # only the sampled weights stay on the device
             writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
             engine.evaluate(model, ema, tokenizer, args, restored.epoch_label, device, context, writer, logger,
                             cfg=args.cfg, use_ema=not args.eval_wo_ema, source=restored.path)

@@ -76,6 +76,7 @@ def main(args):
         prepare_cache_folder(args.cached_path, dataset, logger)
         todo = uncached(dataset.samples, args.cached_path, image_root)
         logger.info(f"{len(todo)} of {len(dataset.samples)} images to cache")
+    dist.wait_for_main_process()  # listing the cache can take rank 0 a long time on a network file system
     todo = dist.broadcast_object(todo)  # decided once, before any rank writes
     listed = dataset.samples  # the whole image folder, scanned once
     dataset.samples = [listed[i] for i in todo]

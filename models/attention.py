@@ -3,7 +3,7 @@
 Attribute names (`qkv`, `proj`, `wq`/`wk`/`wv`, `fc1`/`fc2`, `norm1..3`, `scale_shift_table`) are fixed by
 the original checkpoints and must not change.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,6 +14,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
            dropout_p: float) -> torch.Tensor:
     """softmax(q kᵀ/sqrt(E)) v with dropout: q [B, H, L, E], k, v [B, H, S, E] -> [B, H, L, E]."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def checkpointed(grad_checkpointing: Union[bool, int], index: int) -> bool:
+    """Whether block `index` of a stack recomputes its activations in the backward pass: every block for True,
+    the first N for an int N, none for False or 0 (`--grad_checkpointing [N]`)."""
+    if isinstance(grad_checkpointing, bool):
+        return grad_checkpointing
+    return index < grad_checkpointing
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

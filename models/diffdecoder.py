@@ -5,13 +5,13 @@ cross-attending to the AR transformer's condition tokens.
 keys); the network is `DecoderNet` and the objective lives in `models.flow`.
 """
 import math
-from typing import List, NamedTuple, Tuple
+from typing import List, NamedTuple, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import DecoderBlock
+from models.attention import DecoderBlock, checkpointed
 
 TIME_FREQ_DIM = 256
 MAX_PERIOD = 10000
@@ -107,7 +107,8 @@ class DecoderNet(nn.Module):
     """Velocity network `v = net(x_t, c, t)`: x_t [B, N, C] tokens, c [B, Lc, Dc] condition, t [B] ×1000."""
 
     def __init__(self, in_channels: int, cond_dim: int, width: int, seq_len: int, depth: int, num_heads: int,
-                 mlp_ratio: float, norm_layer, attn_drop: float, proj_drop: float, grad_checkpointing: bool):
+                 mlp_ratio: float, norm_layer, attn_drop: float, proj_drop: float,
+                 grad_checkpointing: Union[bool, int]):
         super().__init__()
         self.seq_len = seq_len
         self.grad_checkpointing = grad_checkpointing
@@ -137,8 +138,8 @@ class DecoderNet(nn.Module):
             raise ValueError(f"decoder expects {self.seq_len} tokens, got {x.shape[1]}")
         temb, modulation = self.time_embed(t)
         h = self.input_proj(x) + self.diffusion_pos_embed_learned  # [B, N, D]
-        for block, key_values in zip(self.res_blocks, prepared.key_values):
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for index, (block, key_values) in enumerate(zip(self.res_blocks, prepared.key_values)):
+            if checkpointed(self.grad_checkpointing, index) and torch.is_grad_enabled():
                 h = checkpoint(block, h, key_values, modulation, use_reentrant=False)
             else:
                 h = block(h, key_values, modulation)

@@ -16,16 +16,31 @@ class NoiseSource(Protocol):
         ...
 
 
+def to_device(draw: torch.Tensor, device) -> torch.Tensor:
+    """`draw` on `device`. A host draw bound for a GPU goes through pinned memory and is copied asynchronously, so
+    the host does not wait for the GPU (a copy from ordinary host memory would)."""
+    device = torch.device(device)
+    if device.type == "cuda" and draw.device.type == "cpu" and not draw.is_pinned():
+        draw = draw.pin_memory()
+    return draw.to(device, non_blocking=True)
+
+
 class TorchNoise:
+    """Whole draws from one generator (its device's), or from the global generator on the target device."""
+
     def __init__(self, generator: Optional[torch.Generator] = None):
         self.generator = generator
 
     def randn(self, shape, *, device, dtype):
-        device = self.generator.device if self.generator is not None else device
-        return torch.randn(tuple(shape), generator=self.generator, device=device, dtype=dtype)
+        if self.generator is None:
+            return torch.randn(tuple(shape), device=device, dtype=dtype)
+        draw = torch.randn(tuple(shape), generator=self.generator, device=self.generator.device, dtype=dtype)
+        return to_device(draw, device)
 
 
 class PerImageNoise:
+    """Row `i` of every draw from generator `i`. CPU generators draw straight into (pinned) host memory."""
+
     def __init__(self, generators: Sequence[torch.Generator]):
         self.generators = list(generators)
 
@@ -37,8 +52,13 @@ class PerImageNoise:
     def randn(self, shape, *, device, dtype):
         if shape[0] != len(self.generators):
             raise ValueError(f"draw of batch {shape[0]} but {len(self.generators)} per-image generators")
-        rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in self.generators]
-        return torch.stack(rows).to(device)  # [B, *shape[1:]]
+        if any(generator.device.type != "cpu" for generator in self.generators):
+            rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in self.generators]
+            return torch.stack(rows).to(device)  # [B, *shape[1:]]
+        draw = torch.empty(tuple(shape), dtype=dtype, pin_memory=torch.device(device).type == "cuda")  # [B, ...]
+        for row, generator in zip(draw, self.generators):
+            torch.randn(tuple(shape[1:]), generator=generator, dtype=dtype, out=row)
+        return to_device(draw, device)
 
 
 def as_noise_source(generator) -> NoiseSource:

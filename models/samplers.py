@@ -1,8 +1,11 @@
 """Samplers: pure functions of (velocity function, initial noise, time grid, noise source).
 
-A velocity function maps `(x [B, L, C], t)` to `v [B, L, C]`, where `t` is a 0-dim tensor in [0, 1]
-(t = 1 is noise, see `models.flow`). Samplers know nothing about the network's time scale, classifier-free
-guidance or `no_grad`; the caller wraps those into the velocity function.
+A velocity function maps `(x [B, L, C], t)` to `v [B, L, C]`, where `t` is a 0-dim float32 tensor in [0, 1]
+(t = 1 is noise, see `models.flow`) on the host. Samplers know nothing about the network's time scale,
+classifier-free guidance or `no_grad`; the caller wraps those into the velocity function.
+
+The time grid lives on the host, whatever the device of `x`: a step's times enter the device's arithmetic as
+scalars, and a decision on them (`--cfg_interval`) reads no device memory, so no sampling step waits for a GPU.
 
 * `euler_maruyama` (the original's `maruyama`): the SDE with diffusion g(t)^2 = 2t on the grid
   `linspace(1, 0.04, N)` + [0]; N-1 stochastic steps, then one noise-free mean step to 0 (N network
@@ -127,7 +130,7 @@ def run_sampler(name: str, velocity: VelocityFn, x: torch.Tensor, num_steps: int
     spec = SAMPLERS[name]
     if num_steps < spec.min_steps:
         raise ValueError(f"the {name} sampler needs at least {spec.min_steps} steps, got {num_steps}")
-    t_steps = spec.time_grid(num_steps, device=x.device)
+    t_steps = spec.time_grid(num_steps)  # [N + 1] on the host
     if spec.stochastic:
         return spec.run(velocity, x, t_steps, noise, scale_0=scale_0, scale_1=scale_1)
     if (scale_0, scale_1) != (1.0, 1.0):

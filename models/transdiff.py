@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import EncoderBlock
+from models.attention import EncoderBlock, checkpointed
 from models.diffdecoder import DiffusionDecoder, PreparedCondition
 from models.flow import TIME_SCALE, FlowLossOutput, flow_matching_loss
 from models.noise import as_noise_source
@@ -65,13 +65,15 @@ class TransDiff(nn.Module):
                  vae_embed_dim: int = 16, label_drop_prob: float = 0.1, class_num: int = 1000,
                  attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
                  num_sampling_steps: Union[int, str] = 100, diffusion_batch_mul: int = 4,
-                 grad_checkpointing: bool = False, diffloss_w: Optional[int] = None,
+                 grad_checkpointing: Union[bool, int] = False, diffloss_w: Optional[int] = None,
                  mrar: bool = False, vae_stride: int = 16):
         """Keyword arguments are the original's, plus:
 
         mrar: multi-reference autoregression (needs patch_size >= 2; the released models use 2).
         vae_stride: downsampling factor of the tokenizer (16 for KL-16; the pixel tokenizer's stride).
         diffloss_w: legacy decoder width flag of the original README; must equal decoder_embed_dim.
+        grad_checkpointing: the original's bool (every block recomputes its activations in the backward pass), or
+            an int N: the first N blocks of the encoder and the first N of the decoder.
         num_sampling_steps: default step count of `samples` (the original stored but ignored it).
         """
         super().__init__()
@@ -209,8 +211,8 @@ class TransDiff(nn.Module):
         mask = self.attention_mask
         if mask is not None:
             mask = mask[:, :, :x.shape[1], :x.shape[1]]  # [1, 1, buf + L, buf + L]
-        for block in self.encoder_blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
+        for index, block in enumerate(self.encoder_blocks):
+            if checkpointed(self.grad_checkpointing, index) and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
@@ -329,9 +331,10 @@ class TransDiff(nn.Module):
         conditional = prepared.rows(slice(0, prepared.batch // 2)) if guided else prepared  # kv [B, H, L, D/H]
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            """t: a 0-dim float32 tensor on the host (`models.samplers`)."""
             guide = guided and (cfg_interval is None or lo <= float(t) <= hi)
             x_in = torch.cat([x, x]) if guide else x  # [B', N, C]
-            net_t = (t * TIME_SCALE).expand(x_in.shape[0])  # [B']
+            net_t = torch.full((x_in.shape[0],), float(t * TIME_SCALE), device=x.device)  # [B'] float32
             v = net.forward_prepared(x_in, prepared if guide else conditional, net_t).to(x.dtype)  # [B', N, C]
             if not guide:
                 return v

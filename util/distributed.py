@@ -14,7 +14,8 @@ Launchers recognised by :func:`init_distributed`, in the order the MAR original 
   world of one, not a distributed launch.
 * none of these: a world of one with no process group.
 
-The backend is NCCL on CUDA and gloo otherwise.
+The backend is NCCL on CUDA and gloo otherwise. Host-side agreement (numbers, objects, barriers) runs on a gloo
+group beside NCCL, so that it needs no GPU work and never synchronises the device.
 """
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-DEFAULT_TIMEOUT_MINUTES = 60.0  # rank 0 alone computes FID/IS while the others wait in a barrier
+DEFAULT_TIMEOUT_MINUTES = 30.0  # a collective that waits longer is a hang (rank 0 alone: `wait_for_main_process`)
+MAIN_PROCESS_WAIT_HOURS = 24.0  # how long the other ranks wait for rank 0's own phases
+# The group of host-side agreement (numbers, objects, barriers): gloo beside an NCCL default group, so that
+# agreeing on a save or waiting for a rank involves no GPU work and no device synchronisation; None (the default
+# group) when the default group is gloo already.
+_HOST_GROUP = None
 
 
 class LaunchEnv(NamedTuple):
@@ -123,8 +129,8 @@ def init_distributed(device_type: str, dist_on_itp: bool = False, dist_url: str 
             rank; anything else uses gloo.
         dist_on_itp: use the OpenMPI variables (the MAR flag of that name).
         dist_url: rendezvous for torchrun/SLURM launches (``env://`` reads MASTER_ADDR/MASTER_PORT).
-        timeout_minutes: process-group timeout for collectives. Long by default so that ranks waiting
-            while rank 0 computes metrics are not killed.
+        timeout_minutes: the process groups' timeout: a collective that waits longer fails (a hang becomes an
+            error). Phases that rank 0 runs alone are waited for by `wait_for_main_process`, not by it.
     """
     launch = parse_launcher_env(os.environ, dist_on_itp)
     if launch is None:
@@ -150,6 +156,8 @@ def init_distributed(device_type: str, dist_on_itp: bool = False, dist_url: str 
     else:
         dist.init_process_group(backend=backend, store=store, world_size=launch.world_size, rank=launch.rank,
                                 timeout=timeout)
+    global _HOST_GROUP
+    _HOST_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
     barrier()
     return DistInfo(launch.rank, launch.world_size, launch.local_rank, True, backend, device)
 
@@ -201,13 +209,9 @@ def is_main_process() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every rank; no-op without a process group."""
-    if not is_initialized():
-        return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
+    """Wait for every rank, on the host (`_HOST_GROUP`); no-op without a process group."""
+    if is_initialized():
+        dist.barrier(group=_HOST_GROUP)
 
 
 def print0(*args: Any, **kwargs: Any) -> None:
@@ -216,28 +220,28 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
-def _comm_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
-
-
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
-    """Element-wise sum of a list of numbers over all ranks (float64); the input without a group."""
+    """Element-wise sum of a list of host numbers over all ranks (float64, on the host group: no GPU work); the
+    input without a group."""
     values = [float(v) for v in values]
     if not is_initialized():
         return values
-    buffer = torch.tensor(values, dtype=torch.float64, device=_comm_device())  # [N]
-    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    buffer = torch.tensor(values, dtype=torch.float64)  # [N], on the host
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=_HOST_GROUP)
     return buffer.tolist()
 
 
 def all_reduce_mean(x: float | torch.Tensor) -> float:
-    """Mean of a scalar over all ranks, as a Python float."""
-    if isinstance(x, torch.Tensor):
-        if x.numel() != 1:
-            raise ValueError(f"all_reduce_mean takes a scalar, got a tensor of shape {tuple(x.shape)}")
-        x = x.item()
-    return all_reduce_sum([x])[0] / get_world_size()
+    """Mean of a scalar over all ranks, as a Python float. A tensor is reduced where it lives (NCCL for a GPU
+    tensor) and read once, after the reduction."""
+    if not isinstance(x, torch.Tensor):
+        return all_reduce_sum([x])[0] / get_world_size()
+    if x.numel() != 1:
+        raise ValueError(f"all_reduce_mean takes a scalar, got a tensor of shape {tuple(x.shape)}")
+    if is_initialized():
+        x = x.detach().clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.item() / get_world_size()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -245,7 +249,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not is_initialized():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=_HOST_GROUP)
     return holder[0]
 
 
@@ -258,12 +262,28 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(tensor, src)
 
 
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order (None on the other ranks); ``[obj]`` without a group."""
+    if not is_initialized():
+        return [obj]
+    gathered: list[Any] | None = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0, group=_HOST_GROUP)
+    return gathered
+
+
+def wait_for_main_process(hours: float = MAIN_PROCESS_WAIT_HOURS) -> None:
+    """Wait, on the host, for rank 0 to finish a phase of its own (metrics, a folder listing); a barrier with its
+    own long timeout, so that the process groups' timeout can stay short. No-op without a group."""
+    if is_initialized():
+        dist.monitored_barrier(group=_HOST_GROUP, timeout=datetime.timedelta(hours=hours), wait_all_ranks=True)
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (picklable objects); ``[obj]`` without a group."""
     if not is_initialized():
         return [obj]
     gathered: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=_HOST_GROUP)
     return gathered
 
 
@@ -279,7 +299,9 @@ def ddp_sync(module: torch.nn.Module, sync: bool) -> contextlib.AbstractContextM
 
 
 def cleanup() -> None:
-    """Destroy the process group if there is one."""
+    """Destroy the process groups if there are any."""
+    global _HOST_GROUP
     if is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 

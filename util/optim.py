@@ -6,8 +6,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from util.distributed import print0
+from util.distributed import is_initialized, is_main_process, print0
 
 ADAMW_BETAS = (0.9, 0.95)
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
@@ -45,17 +46,36 @@ def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    skip_list: Iterable[str] = (), device_type: str = "cpu") -> torch.optim.AdamW:
+                    skip_list: Iterable[str] = (), device_type: str = "cpu",
+                    shard_state: bool = False) -> torch.optim.Optimizer:
     """AdamW with betas (0.9, 0.95) over :func:`param_groups_weight_decay`; prints the grouping on rank 0.
 
     The update runs as one fused kernel per parameter group on CUDA and CPU (multi-tensor foreach operations
     elsewhere): the same AdamW in one pass over the weights, without the original per-parameter loop's
     temporaries (the last bits may differ from it).
+
+    `shard_state` (`--zero1`, with a process group): torch's ZeroRedundancyOptimizer around the same AdamW. Each
+    rank keeps the moments of its share of the parameters, steps them, and broadcasts them: the same update,
+    with 1/world of the optimizer state per rank. Its consolidated `state_dict` (`consolidate_state_dict` on
+    every rank first) has AdamW's format, so checkpoints do not depend on it.
     """
     groups, summary = param_groups_weight_decay(model, weight_decay, skip_list)
     implementation = {"fused": True} if device_type in FUSED_ADAMW_DEVICES else {"foreach": True}
-    print0(f"optimizer: AdamW ({next(iter(implementation))}) lr {lr:.3g} betas {ADAMW_BETAS}; {summary}")
+    sharded = shard_state and is_initialized()
+    print0(f"optimizer: AdamW ({next(iter(implementation))}{', ZeRO-1' if sharded else ''}) lr {lr:.3g} "
+           f"betas {ADAMW_BETAS}; {summary}")
+    if sharded:
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, lr=lr, betas=ADAMW_BETAS,
+                                       **implementation)
     return torch.optim.AdamW(groups, lr=lr, betas=ADAMW_BETAS, **implementation)
+
+
+def full_state_dict(optimizer: torch.optim.Optimizer) -> dict | None:
+    """The optimizer's whole state in AdamW's format, on rank 0 (None elsewhere). A collective for a sharded
+    optimizer: every rank calls it."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
+    return optimizer.state_dict() if is_main_process() else None
 
 
 class EMA:

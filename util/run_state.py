@@ -15,7 +15,7 @@ import signal
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from util import distributed as dist
 from util.checkpoint import adapt_state_dict, load_checkpoint, save_checkpoint, select_weights
 from util.errors import Preempted
 from util.execution.wrap import replica_digests
+from util.optim import full_state_dict
 
 LAST = "last"
 SAME_RUN_KEYS = ("model", "mrar", "img_size")  # a training checkpoint with these continues exactly
@@ -148,11 +149,12 @@ def save(run: RunSettings, name: str | int, execution, ema, optimizer, scaler, p
     label = f"epoch {position.epoch}, step {position.epoch_step}"
     weights, digests = execution.state_dict(label)
     ema_digests = replica_digests(ema.module, "EMA weights", label)
+    optimizer_state = full_state_dict(optimizer)
     path = checkpoint_path(run.output_dir, name)
     if not dist.is_main_process():
         return path
     optimizer_steps = math.ceil(position.steps_per_epoch / run.accumulation_steps)
-    state = {"model": weights, "model_ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"model": weights, "model_ema": ema.state_dict(), "optimizer": optimizer_state,
              "epoch": position.epoch, "epoch_step": position.epoch_step,
              "steps_per_epoch": position.steps_per_epoch, "accumulation_micro_step": 0,
              "optimizer_step": position.epoch * optimizer_steps + math.ceil(
@@ -294,14 +296,19 @@ class SavePolicy:
 class Checkpointer:
     """A training run's saves: at the ends of epochs (`save`) and inside them (`inside_epoch`, by `SavePolicy`)."""
 
-    def __init__(self, run: RunSettings, execution, ema, optimizer, scaler, steps_per_epoch: int, logger):
+    def __init__(self, run: RunSettings, execution, ema, optimizer, scaler, steps_per_epoch: int, logger,
+                 before_save: Callable[[], None] = lambda: None):
+        """`before_save()` runs before every save and raises to stop a run whose state must not be saved (the
+        engine's check of the loss)."""
         self.run, self.execution, self.ema, self.optimizer, self.scaler = run, execution, ema, optimizer, scaler
         self.steps = steps_per_epoch
         self.logger = logger
+        self.before_save = before_save
         self.optimizer_steps_per_epoch = math.ceil(steps_per_epoch / run.accumulation_steps)
         self.policy = SavePolicy(run.save_every_steps, run.save_every_minutes)
 
     def save(self, name: str | int, epoch: int, epoch_step: int) -> str:
+        self.before_save()
         path = save(self.run, name, self.execution, self.ema, self.optimizer, self.scaler,
                     Position(epoch, epoch_step, self.steps))
         self.policy.saved()

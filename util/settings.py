@@ -85,8 +85,10 @@ def add_distributed_args(parser):
                        help="cuda, cpu, mps, ... (default: cuda when available). cpu means gloo even on a GPU host")
     group.add_argument("--dist_on_itp", action="store_true", help="OpenMPI launcher variables")
     group.add_argument("--dist_url", default="env://")
-    group.add_argument("--dist_timeout", default=120, type=float,
-                       help="minutes a rank waits in a collective (rank 0 computes FID while others wait)")
+    group.add_argument("--dist_timeout", default=dist.DEFAULT_TIMEOUT_MINUTES, type=float,
+                       help="minutes a collective may wait before the run stops with an error (a hang); phases\n"
+                            "that rank 0 runs alone (metrics, listing a dataset) are waited for up to "
+                            f"{dist.MAIN_PROCESS_WAIT_HOURS:.0f} h")
 
 
 def add_legacy_args(parser):
@@ -111,8 +113,9 @@ def get_args_parser():
                        help="noise/time draws per sample per step (README: 4 pretrain, 2 MRAR, 4 512px)")
     group.add_argument("--diffloss_w", default=None, type=int,
                        help="legacy decoder-width flag of the original README; must equal the model width")
-    group.add_argument("--grad_checkpointing", action="store_true",
-                       help="recompute each block's activations in the backward pass: less memory, more compute")
+    group.add_argument("--grad_checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
+                       help="recompute activations in the backward pass: every block's (the flag alone), or those\n"
+                            "of the first N blocks of the encoder and of the decoder: less memory, more compute")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile every encoder and decoder block (inductor, one graph per block) for\n"
                             "training and sampling; CPU needs a C++ compiler. Off by default. The first steps\n"
@@ -147,6 +150,12 @@ def get_args_parser():
                        help="TF32 float32 matrix products on CUDA (Ampere and newer): faster, about 1e-3 relative\n"
                             "error. Off by default: float32 products stay float32, as in the original. cuDNN's\n"
                             "convolutions (the VAE) keep PyTorch's default, TF32 allowed, as the original runs them")
+    group.add_argument("--zero1", action="store_true",
+                       help="shard the AdamW state over the ranks (ZeRO stage 1, torch's ZeroRedundancyOptimizer):\n"
+                            "1/world of the optimizer's memory per GPU, the same updates; checkpoints unchanged")
+    group.add_argument("--peak_tflops", default=None, type=float,
+                       help="the GPU's peak TFLOP/s at the run's precision, for the MFU of the progress lines\n"
+                            "(default: known for A100, H100 and H200; elsewhere only the achieved TFLOP/s)")
     group.add_argument("--only_train_diff", action="store_true", help="freeze everything but the diffusion decoder")
     group.add_argument("--seed", default=1, type=int, help="training seed (+rank); base of the per-image seeds")
 
@@ -256,6 +265,8 @@ def resolve_args(args):
                             "--preview_steps >= 1")
     if args.save_every_steps < 0 or args.save_every_minutes < 0 or args.save_last_freq < 1:
         raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
+    if args.grad_checkpointing is not True and args.grad_checkpointing < 0:
+        raise SettingsError("--grad_checkpointing N takes N >= 0 blocks (the flag alone: every block)")
     if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
         raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
     if isinstance(args.cfg, list) and not args.mrar:

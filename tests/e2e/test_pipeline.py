@@ -83,6 +83,35 @@ def test_a_two_rank_run_from_scratch_evaluates_one_ema(tmp_path, data):
     assert pngs(eval_folder(again)) == pngs(folders[0])
 
 
+def test_zero1_trains_and_resumes_bit_for_bit_as_plain_adamw(tmp_path, data):
+    """--zero1 shards AdamW's state over 2 ranks: the same weights, EMA and (consolidated) optimizer state as
+    the plain optimizer, in the same checkpoint format, and a resumed sharded run equals an uninterrupted one."""
+    plain, sharded, resumed = tmp_path / "plain", tmp_path / "sharded", tmp_path / "resumed"
+    run([*TINY, "--data_path", data, "--output_dir", plain, "--epochs", 2], nproc=2)
+    run([*TINY, "--data_path", data, "--output_dir", sharded, "--epochs", 2, "--zero1"], nproc=2)
+    run([*TINY, "--data_path", data, "--output_dir", resumed, "--epochs", 1, "--zero1"], nproc=2)
+    run([*TINY, "--data_path", data, "--output_dir", resumed, "--epochs", 2, "--zero1"], nproc=2)
+    states = [load_state(folder / "checkpoint-last.pth") for folder in (plain, sharded, resumed)]
+    for state in states[1:]:
+        assert_same_tensors(state["model"], states[0]["model"])
+        assert_same_tensors(state["model_ema"], states[0]["model_ema"])
+        assert state["optimizer"]["param_groups"] == states[0]["optimizer"]["param_groups"]
+        assert state["optimizer"]["state"].keys() == states[0]["optimizer"]["state"].keys()
+        for index, moments in states[0]["optimizer"]["state"].items():
+            assert_same_tensors(state["optimizer"]["state"][index], moments)
+
+
+def test_persistent_loader_workers_train_as_the_main_process(tmp_path, data):
+    """With --num_workers the loader's workers persist across epochs; the epoch reaches them with every sample's
+    key, so they draw the crops and flips the main process draws."""
+    plain, workers = tmp_path / "plain", tmp_path / "workers"
+    run([*TINY, "--data_path", data, "--output_dir", plain, "--epochs", 3])
+    run([*TINY[:TINY.index("--num_workers")], *TINY[TINY.index("--num_workers") + 2:], "--num_workers", 2,
+         "--data_path", data, "--output_dir", workers, "--epochs", 3])
+    a, b = load_state(plain / "checkpoint-last.pth"), load_state(workers / "checkpoint-last.pth")
+    assert_same_tensors(a["model"], b["model"])
+
+
 def test_gradient_accumulation_and_bf16_train(tmp_path, data):
     out = tmp_path / "accum"
     run([*TINY, "--data_path", data, "--output_dir", out, "--epochs", 1, "--gradient_accumulation_steps", 2,
@@ -147,15 +176,23 @@ def write_reference(tmp_path, data, inception_weights):
     return reference, stats
 
 
-def test_fid_and_inception_score_end_to_end(tmp_path, trained, data, inception_weights):
-    _, stats = write_reference(tmp_path, data, inception_weights)
-    out = tmp_path / "eval"
-    run([*TINY, "--resume", trained, "--output_dir", out, *EVAL, "--fid_stats", stats,
-         "--inception_weights", inception_weights, "--require_metrics", "--save_npz"])
-    record = json.loads((out / "metrics.json").read_text())[-1]
+def test_fid_and_inception_score_end_to_end_on_one_and_two_ranks(tmp_path, trained, data, inception_weights):
+    """Two ranks extract their shares of the Inception features and rank 0 gathers them: the same FID, IS and KID
+    as one process, to the last bit."""
+    reference, stats = write_reference(tmp_path, data, inception_weights)
+    records = []
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}"
+        run([*TINY, "--resume", trained, "--output_dir", out, *EVAL, "--metrics", "fid_is,kid", "--fid_stats", stats,
+             "--ref_images", reference, "--inception_weights", inception_weights, "--require_metrics", "--save_npz"],
+            nproc=nproc)
+        records.append(json.loads((out / "metrics.json").read_text())[-1])
+    record = records[0]
     assert np.isfinite(record["fid"]) and record["fid"] > 0
     assert record["inception_score"] >= 1.0 and record["num_images"] == 24
     assert np.load(record["npz"])["arr_0"].shape == (24, 16, 16, 3)
+    for key in ("fid", "inception_score", "inception_score_std", "kid", "kid_std"):
+        assert records[1][key] == record[key], key
 
 
 def test_every_metric_and_every_setting_that_moves_it_in_the_record(tmp_path, trained, data, inception_weights,

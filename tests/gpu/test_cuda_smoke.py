@@ -13,7 +13,9 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import main
-from engine_transdiff import decode_images
+from engine_transdiff import TrainingMonitor, decode_images
+from models.noise import PerImageNoise
+from models.samplers import run_sampler
 from models.transdiff import transdiff_base, transdiff_large
 from models.vae import AutoencoderKL
 from tests.support import REPO_ROOT
@@ -24,7 +26,7 @@ from util import run_state
 from util.checkpoint import load_checkpoint
 from util.execution.precision import resolve_precision
 from util.execution.wrap import compile_blocks
-from util.optim import build_grad_scaler, build_optimizer
+from util.optim import EMA, build_grad_scaler, build_optimizer
 
 CUDA = torch.device("cuda", 0)
 CUDA_TINY = [flag if flag != "cpu" else "cuda" for flag in TINY]  # the end-to-end tiny flags with --device cuda
@@ -171,3 +173,45 @@ def test_peak_memory_of_a_transdiff_l_step_at_batch_8_is_reported(record_propert
           f"{torch.cuda.get_device_name(CUDA)}, loss {losses[0]:.4f}")
     assert torch.isfinite(torch.tensor(losses)).all()
     assert peak * 2**30 < torch.cuda.get_device_properties(CUDA).total_memory
+
+
+def test_a_training_step_and_sampling_steps_never_wait_for_the_gpu():
+    """Under `torch.cuda.set_sync_debug_mode("error")` a device synchronisation raises: a bf16 training step as the
+    engine runs it (forward, backward, clipping, fused AdamW, EMA, the loss kept on the device, the save policy's
+    agreement), then guided Euler-Maruyama steps with a guidance interval and per-image CPU noise."""
+    torch.manual_seed(0)
+    model = tiny_model(attn_dropout=0.1, proj_dropout=0.1).to(CUDA)
+    optimizer, ema = build_optimizer(model, 1e-4, 0.02, device_type="cuda"), EMA(model)
+    monitor, policy = TrainingMonitor(CUDA, len(LABELS), 1.0), run_state.SavePolicy(every_steps=3)
+    images, labels = training_images(model).to(CUDA), LABELS.to(CUDA)
+
+    def train_step(step):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model.train()(images, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(model, 0.999)
+        monitor.add(loss, 0, step)
+        policy.decide(step)
+
+    train_step(0)  # lazy initialisations (optimizer state, cuBLAS) outside the check
+    model.eval()
+    with torch.no_grad():
+        condition = model.label_condition(labels, guided=True)  # unique() of the labels: once per batch
+        velocity = model.velocity_function(condition, cfg=1.5, cfg_interval=(0.2, 0.8))
+        noise = PerImageNoise.from_seeds(range(len(LABELS)))
+        x = noise.randn((len(LABELS), model.diff_seqlen, model.decoder_token_dim), device=CUDA, dtype=torch.float32)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.enable_grad():
+                train_step(1)
+            out = run_sampler("maruyama", velocity, x, 6, noise, scale_0=0.9, scale_1=0.95)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        policy.close()
+    assert torch.isfinite(out).all()
+    monitor.flush()
+    assert monitor.take()[0].steps == 2

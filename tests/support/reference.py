@@ -36,7 +36,8 @@ def per_step_velocity(model, cond: torch.Tensor, cfg: float):
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_in = torch.cat([x, x]) if cfg != 1.0 else x  # [B', N, C]
-        v = net(x_in, cond, (t * TIME_SCALE).expand(x_in.shape[0])).to(x.dtype)  # [B', N, C]
+        net_t = torch.full((x_in.shape[0],), float(t * TIME_SCALE), device=x.device)  # [B'], t on the host
+        v = net(x_in, cond, net_t).to(x.dtype)  # [B', N, C]
         if cfg == 1.0:
             return v
         v_cond, v_uncond = v.chunk(2)  # 2 x [B, N, C]

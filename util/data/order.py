@@ -1,10 +1,12 @@
 """The training data's order and random draws as functions of (seed, epoch, position), so that a run resumed in
 the middle of an epoch sees exactly the batches, crops and flips an uninterrupted run would have seen.
 
-* `ResumableSampler`: `DistributedSampler`'s shuffled shard of an epoch, started `start_batch` batches in.
-* `SeededSamples`: draws sample `index`'s augmentation (crop offset, flip, cached-latent mirror) from a generator
-  seeded by (seed, epoch, index), in the loader worker or the main process alike, without touching the
-  process's global RNG (which the model's own draws use and a checkpoint restores).
+* `ResumableSampler`: `DistributedSampler`'s shuffled shard of an epoch, started `start_batch` batches in. It
+  yields `(epoch, index)` keys, so that the epoch reaches the loader's workers with every sample, persistent
+  workers included (they keep their own copy of the dataset from the epoch they started in).
+* `SeededSamples`: draws the augmentation of key `(epoch, index)` (crop offset, flip, cached-latent mirror) from
+  a generator seeded by (seed, epoch, index), in the loader worker or the main process alike, without touching
+  the process's global RNG (which the model's own draws use and a checkpoint restores).
 * `epoch_loader_seed`: the seed of the DataLoader's own generator, so creating an epoch's iterator draws nothing from
   the global RNG either.
 """
@@ -41,22 +43,19 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())
-        return iter(indices[self.start_batch * self.batch_size:])
+        return iter([(self.epoch, index) for index in indices[self.start_batch * self.batch_size:]])
 
     def __len__(self) -> int:
         return self.num_samples - self.start_batch * self.batch_size
 
 
 class SeededSamples(Dataset):
-    """Wraps a training dataset so that sample `index` of epoch `epoch` draws its randomness from its own seed."""
+    """Wraps a training dataset so that sample `index` of epoch `epoch`, asked for as `[(epoch, index)]`, draws its
+    randomness from its own seed."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset = dataset
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -66,9 +65,10 @@ class SeededSamples(Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
         with torch.random.fork_rng(devices=[]):  # saves and restores the CPU generator only
-            torch.default_generator.manual_seed((self.seed * _SEED_STRIDE + self.epoch) * _SEED_STRIDE + index)
+            torch.default_generator.manual_seed((self.seed * _SEED_STRIDE + epoch) * _SEED_STRIDE + index)
             return self.dataset[index]
 
 

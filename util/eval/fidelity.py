@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torch_fidelity.datasets import ImagesPathDataset, TransformPILtoRGBTensor
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -423,7 +423,8 @@ def image_batches(dataset: ImagesPathDataset, device: DeviceLike, batch_size: in
 def inception_features(image_dir: PathLike, device: DeviceLike, batch_size: int = BATCH_SIZE,
                        weights_path: PathLike | None = None, verbose: bool = False,
                        num_workers: int | None = None, recursive: bool = False, resize: int | None = None,
-                       features: Sequence[str] = INCEPTION_FEATURES) -> dict[str, torch.Tensor]:
+                       features: Sequence[str] = INCEPTION_FEATURES,
+                       part: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Inception features ``{name: [N, dim]}`` (float32, CPU) of the images in ``image_dir``.
 
     Args:
@@ -433,11 +434,32 @@ def inception_features(image_dir: PathLike, device: DeviceLike, batch_size: int 
         recursive: also search sub-folders.
         resize: center-crop/resize every image to this square size first (see ``image_folder_dataset``).
         features: feature names to return.
+        part: ``(k, parts)``: only the batches ``b`` with ``b % parts == k``, each the same batch of images as in
+            one pass, so that `merge_feature_parts` of all the parts equals one pass bit for bit.
     """
     dataset = image_folder_dataset(image_dir, recursive, resize)
+    k, parts = part
+    if parts > 1:
+        dataset = Subset(dataset, [i for i in range(len(dataset)) if (i // batch_size) % parts == k])
+        if not len(dataset):
+            return {name: torch.empty(0) for name in features}
     extractor = load_inception(device, weights_path, features)
     return features_from_batches(extractor, image_batches(dataset, device, batch_size, num_workers),
                                  total=len(dataset), verbose=verbose)
+
+
+def merge_feature_parts(parts: Sequence[dict[str, torch.Tensor]], batch_size: int = BATCH_SIZE
+                        ) -> dict[str, torch.Tensor]:
+    """The features of one pass from those of `inception_features`' ``part=(k, len(parts))`` for every k: batch
+    ``b`` of the pass is the ``b // len(parts)``-th batch of part ``b % len(parts)``."""
+    sizes = [len(next(iter(part.values()))) for part in parts]
+    batches = [-(-size // batch_size) for size in sizes]  # batches per part (the last may be partial)
+    merged = {}
+    for name in parts[0]:
+        chunks = [parts[b % len(parts)][name][(b // len(parts)) * batch_size:][:batch_size]
+                  for b in range(sum(batches))]
+        merged[name] = torch.cat(chunks)  # [N, dim]
+    return merged
 
 
 def _missing_reference(path: PathLike) -> MissingMetricFile:

@@ -21,6 +21,7 @@ import torch
 import torch_fidelity
 from torch_fidelity.utils import glob_samples_paths
 
+from util import distributed as dist
 from util.eval.fidelity import (
     FEATURE_KID,
     FEATURE_PRC,
@@ -36,6 +37,7 @@ from util.eval.fidelity import (
     load_inception,
     load_reference_statistics,
     load_vgg16,
+    merge_feature_parts,
     metrics_from_features,
     precision_recall,
     reference_images,
@@ -121,6 +123,36 @@ class InceptionPass:
 
     def clear(self) -> None:
         self._key, self._features, self._unread = None, {}, weakref.WeakSet()
+
+    def extract(self, folder: str, device: torch.device) -> None:
+        """Every rank's share of `folder`'s Inception features, gathered for rank 0's metrics (a collective: all
+        ranks call it once the folder is complete). Each rank runs the batches `b % world == rank` of one pass
+        (`inception_features`' `part`), so rank 0's features, and its FID/IS, equal those of one pass alone.
+
+        Nothing happens without a group, without a registered metric, or when the ranks' metrics or weights
+        files differ (a file missing on some node): rank 0's metrics then read the folder alone, as before.
+        """
+        world = dist.get_world_size()
+        if world == 1:
+            return
+        wanted: Dict[str, set] = {}
+        for weights, names in self._wanted.values():
+            wanted.setdefault(weights, set()).update(names)
+        plan = sorted((weights, tuple(sorted(names))) for weights, names in wanted.items())
+        plans = dist.all_gather_object(plan)  # on every rank, before any rank decides
+        if len(plan) != 1 or any(other != plan for other in plans):
+            return
+        weights_path, names = plan[0]
+        part = inception_features(folder, device, weights_path=weights_path, features=names,
+                                  part=(dist.get_rank(), world))
+        parts = dist.gather_object(part)
+        if parts is None:
+            return
+        self.clear()
+        self._features = merge_feature_parts(parts)
+        self._key = (os.path.realpath(folder), weights_path, _folder_fingerprint(folder))
+        self._unread = weakref.WeakSet(metric for metric, (weights, _) in self._wanted.items()
+                                       if weights == weights_path)
 
 
 SHARED_INCEPTION = InceptionPass()  # the pass of every metric built from EVAL_METRICS

@@ -46,6 +46,7 @@ def cli_error(argv, capsys):
     (["--sampler", "maruyama", "--num_sampling_steps", "1"], "needs --num_sampling_steps >= 2"),
     (["--metrics", "fid_is,nope"], "--metrics nope unknown"),
     (["--cfg", "1,2,3,4"], "a per-stage --cfg list needs --mrar"),
+    (["--grad_checkpointing", "-1"], "--grad_checkpointing N takes N >= 0 blocks"),
 ])
 def test_bad_settings_give_a_clear_message(tmp_path, capsys, flags, message):
     code, err = cli_error([*TINY, "--output_dir", tmp_path / "out", "--data_path", tmp_path, "--epochs", 1, *flags],

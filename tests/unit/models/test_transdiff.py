@@ -132,9 +132,9 @@ def test_one_step_z_proj_is_frozen_and_mrar_z_proj_trains():
     assert all(p.requires_grad for p in build(mrar=True).z_proj.parameters())
 
 
-@pytest.mark.parametrize("mrar", [False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mrar):
-    plain, ckpt = build(mrar), build(mrar, grad_checkpointing=True)
+@pytest.mark.parametrize("mrar,setting", [(False, True), (True, True), (False, 1), (True, 1)])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mrar, setting):
+    plain, ckpt = build(mrar), build(mrar, grad_checkpointing=setting)
     ckpt.load_state_dict(plain.state_dict())
     draws = dict(generator=None)
     results = []
@@ -146,6 +146,32 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(mrar):
         results.append((loss.detach(), model.diffdecoder.net.input_proj.weight.grad.clone()))
     assert_close(results[0][0], results[1][0])
     assert_close(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("setting,encoder,decoder", [(False, 0, 0), (True, 2, 1), (1, 1, 1), (2, 2, 1), (0, 0, 0)])
+def test_selective_checkpointing_recomputes_the_first_n_blocks_of_each_stack(monkeypatch, setting, encoder, decoder):
+    """`--grad_checkpointing N`: the first N of the encoder's 2 blocks and of the decoder's 1 (the tiny model's
+    stacks), every block for True; never outside autograd."""
+    import models.diffdecoder
+    import models.transdiff
+
+    calls = {"encoder": 0, "decoder": 0}
+
+    def counting(stack, wrapped):
+        def checkpoint(*args, **kwargs):
+            calls[stack] += 1
+            return wrapped(*args, **kwargs)
+        return checkpoint
+
+    monkeypatch.setattr(models.transdiff, "checkpoint", counting("encoder", models.transdiff.checkpoint))
+    monkeypatch.setattr(models.diffdecoder, "checkpoint", counting("decoder", models.diffdecoder.checkpoint))
+    model = build(grad_checkpointing=setting).train()
+    assert (len(model.encoder_blocks), len(model.diffdecoder.net.res_blocks)) == (2, 1)
+    model(latents(model), torch.tensor([1, 2])).backward()
+    assert calls == {"encoder": encoder, "decoder": decoder}
+    with torch.no_grad():
+        model(latents(model), torch.tensor([1, 2]))
+    assert calls == {"encoder": encoder, "decoder": decoder}
 
 
 def test_label_drop_uses_fake_latent():

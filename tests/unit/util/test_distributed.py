@@ -139,6 +139,10 @@ def test_each_process_takes_a_gpu_it_can_see(monkeypatch, env, visible, index):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "set_device", selected.append)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: groups.append(kwargs))
-    info = du.init_distributed("cuda")
-    assert info.device == torch.device("cuda", index) and selected == [info.device]
-    assert info.backend == "nccl" and groups[0]["backend"] == "nccl"
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kwargs: groups.append(kwargs) or "host group")
+    try:
+        info = du.init_distributed("cuda")
+        assert info.device == torch.device("cuda", index) and selected == [info.device]
+        assert [group["backend"] for group in groups] == ["nccl", "gloo"]  # host-side agreement off the GPU
+    finally:
+        du.cleanup()
