@@ -44,6 +44,14 @@ def build_model(args):
         raise SettingsError(str(error)) from None
 
 
+def freeze_untrained(model, only_train_diff: bool):
+    """`--only_train_diff`: everything but the diffusion decoder is frozen (the 512 px finetune)."""
+    if only_train_diff:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("diffdecoder."))
+    return model
+
+
 def build_run_tokenizer(args, device):
     """The tokenizer; training on cached latents needs no weights (only the posterior and the latent scale), and
     then loads them only for evaluations, or for previews when the weights file is there."""
@@ -133,7 +141,7 @@ def restore_replicas(run, model, ema, optimizer, scaler, logger) -> run_state.Re
 
 def training_monitor(args, device, logger) -> engine.TrainingMonitor:
     """The loss and speed reader of a run, with the model FLOPs of a training image counted on the meta device."""
-    flops = training_flops_per_image(lambda: build_model(args))
+    flops = training_flops_per_image(lambda: freeze_untrained(build_model(args), args.only_train_diff))
     peak = peak_flops(device, args.precision, args.tf32, args.peak_tflops)
     logger.info(f"model FLOPs: {flops / 1e12:.4g} TFLOP per training image (forward and backward, "
                 f"diffusion_batch_mul {args.diffusion_batch_mul}); "
@@ -205,9 +213,7 @@ def main(args):
 
     tokenizer = build_run_tokenizer(args, device)
     model = build_model(args).to(device)
-    if args.only_train_diff:
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("diffdecoder."))
+    freeze_untrained(model, args.only_train_diff)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                 f"{trainable / 1e6:.2f}M trainable")

@@ -98,19 +98,32 @@ class Meter:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
+def model_builder(args, **overrides):
+    """The benchmarked model's constructor (random weights, dropout as in training)."""
+    from models.transdiff import TRANSDIFF_MODELS
+
+    return lambda: TRANSDIFF_MODELS[args.model](img_size=args.img_size, vae_stride=args.vae_stride,
+                                                vae_embed_dim=args.vae_embed_dim, class_num=1000,
+                                                attn_dropout=DROPOUT, proj_dropout=DROPOUT, **overrides)
+
+
 def build_model(args, device, **overrides):
     import torch
 
-    from models.transdiff import TRANSDIFF_MODELS
-
     torch.manual_seed(SEED)
-    model = TRANSDIFF_MODELS[args.model](img_size=args.img_size, vae_stride=args.vae_stride,
-                                         vae_embed_dim=args.vae_embed_dim, class_num=1000, attn_dropout=DROPOUT,
-                                         proj_dropout=DROPOUT, **overrides).to(device)
+    model = model_builder(args, **overrides)().to(device)
     # The zero-initialised output layer would make every velocity 0, every sample the same noise process in both
     # executions, and their comparison vacuous: small random weights, as a trained network has.
     torch.nn.init.normal_(model.diffdecoder.net.final_layer.linear.weight, std=0.02)
     return model
+
+
+def model_flops(images_per_second: float, flops_per_image: float, device, precision: str) -> dict:
+    """The model FLOP/s that a rate means, and its utilisation of a known GPU's peak (`util.execution.flops`)."""
+    from util.execution.flops import Throughput, peak_flops
+
+    rate = Throughput.of(1, 1 / images_per_second, flops_per_image, peak_flops(device, precision, tf32=False))
+    return {"flops_per_image": flops_per_image, "tflops": rate.flops_per_second / 1e12, "mfu": rate.mfu}
 
 
 def autocast(args, device):
@@ -126,6 +139,7 @@ def train_worker(args, variant: Variant, device) -> dict:
     import torch
 
     from tests.support.reference import per_copy_forward_loss
+    from util.execution.flops import training_flops_per_image
     from util.execution.wrap import wrap_model
     from util.optim import EMA, build_optimizer, param_groups_weight_decay
 
@@ -167,8 +181,10 @@ def train_worker(args, variant: Variant, device) -> dict:
     started = meter.now()
     losses = [step() for _ in range(args.train_steps)]
     seconds = (meter.now() - started) / args.train_steps
+    flops = training_flops_per_image(model_builder(args, diffusion_batch_mul=DIFFUSION_BATCH_MUL))
     return {"images_per_second": args.train_batch / seconds, "seconds_per_step": seconds,
-            "warmup_seconds": warmup, "peak_bytes": meter.peak_bytes(), "losses": losses}
+            "warmup_seconds": warmup, "peak_bytes": meter.peak_bytes(), "losses": losses,
+            **model_flops(args.train_batch / seconds, flops, device, args.precision)}
 
 
 def sample_worker(args, variant: Variant, device, batch: int, latents_path: str) -> dict:
@@ -176,6 +192,7 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
 
     from models.noise import TorchNoise
     from tests.support.reference import per_image_samples
+    from util.execution.flops import sampling_flops_per_image
     from util.execution.wrap import compile_blocks
 
     model = build_model(args, device).eval()
@@ -210,7 +227,10 @@ def sample_worker(args, variant: Variant, device, batch: int, latents_path: str)
     per_step = (total - once) / args.sample_steps
     seconds_per_image = (once + REPORTED_STEPS * per_step) / batch
     torch.save(latents.float().cpu(), latents_path)
-    return {"images_per_second": 1 / seconds_per_image, "seconds_per_image": seconds_per_image,
+    once_flops, step_flops = sampling_flops_per_image(model_builder(args))
+    flops = once_flops + REPORTED_STEPS * step_flops
+    return {**model_flops(1 / seconds_per_image, flops, device, args.precision),
+            "images_per_second": 1 / seconds_per_image, "seconds_per_image": seconds_per_image,
             "once_seconds": once, "step_seconds": per_step, "peak_bytes": meter.peak_bytes()}
 
 
@@ -250,6 +270,16 @@ def spawn(args, worker: str, variant: str, tmp: str) -> dict:
     if result.returncode != 0 or not lines:
         raise RuntimeError(f"{worker} {variant} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def flops_cell(results: list[dict]) -> str:
+    """The best round's model TFLOP/s, with its MFU where the device's peak is known."""
+    top = max(results, key=lambda r: r["tflops"])
+    return f"{top['tflops']:.4g}" + (f" ({top['mfu']:.1%})" if top["mfu"] is not None else "")
+
+
+def mfu_note(a: list[dict], b: list[dict]) -> str:
+    return " (MFU)" if a[0]["mfu"] is not None else ""
 
 
 def best(results: list[dict], key: str, higher: bool = True) -> float:
@@ -292,6 +322,7 @@ def drive(args) -> None:
               f"{best(b, 'peak_bytes', False) / 2**30:.2f} | {memory:.2f} |")
         print(f"| training first step, compilation included (s) | {a[0]['warmup_seconds']:.1f} | "
               f"{b[0]['warmup_seconds']:.1f} | |")
+        print(f"| training: model TFLOP/s{mfu_note(a, b)} | {flops_cell(a)} | {flops_cell(b)} | |")
         ratios.update(train_speed=speed, train_memory=memory)
     sample_speeds = []
     for batch in batches:
@@ -301,6 +332,7 @@ def drive(args) -> None:
         print(f"| sampling, batch {batch}, cfg {SAMPLE_CFG}, {REPORTED_STEPS} steps: images/s | "
               f"{best(a, 'images_per_second'):.4g} | {best(b, 'images_per_second'):.4g} | {speed:.2f} |")
         print(f"| sampling, batch {batch}: max abs latent difference | | {deviation[f'sample{batch}']:.1e} | |")
+        print(f"| sampling, batch {batch}: model TFLOP/s{mfu_note(a, b)} | {flops_cell(a)} | {flops_cell(b)} | |")
     if sample_speeds:
         ratios["sample_speed"] = math.prod(sample_speeds) ** (1 / len(sample_speeds))
     print(f"\ntook {(time.time() - started) / 60:.1f} min")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# TransDiff-B and -L on one CUDA GPU at bf16: training and sampling images per second, eager against compiled
-# (--compile), with peak memory. Batches as in the original README: training 32 per GPU with
-# diffusion_batch_mul 4, sampling --eval_bsz 256 at cfg 1.5. Not yet run on a GPU (docs/gpu.md).
+# TransDiff-B and -L on one CUDA GPU: the model alone, eager against compiled (compare.py: training and sampling
+# images/s, model TFLOP/s and MFU, peak memory), then what a user gets (production.py: main.py's whole training
+# and evaluation paths through a 1-rank torchrun). Batches as in the original README: training 32 per GPU with
+# diffusion_batch_mul 4, sampling --eval_bsz 256 at cfg 1.5 and 100 steps. Not yet run on a GPU (docs/gpu.md).
 #
 #     bash benchmarks/gpu.sh [python]        # default: .venv/bin/python if present, else python3
 set -euo pipefail
@@ -11,4 +12,5 @@ PYTHON=${1:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 
 for model in transdiff_base transdiff_large; do
   "$PYTHON" benchmarks/compare.py --pair eager,compiled --model "$model" --device cuda --precision bf16 --rounds 1 \
     --train_batch 32 --train_steps 10 --sample_batches 256 --sample_steps 10
+  "$PYTHON" benchmarks/production.py --model "$model" --device cuda
 done

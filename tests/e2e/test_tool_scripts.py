@@ -1,5 +1,6 @@
 """The tools run as scripts and as modules, as a user starts them (real processes)."""
 import os
+import re
 import subprocess
 import sys
 
@@ -39,3 +40,16 @@ def test_build_mrar_index_script_writes_an_index_that_mrar_dataset_reads(tmp_pat
     assert len(dataset) == 9
     *images, label = dataset[8]
     assert len(images) == 4 and label == 1
+
+
+def test_production_benchmark_times_main_py_by_its_own_progress_lines():
+    """benchmarks/production.py (run by benchmarks/gpu.sh on a GPU), at a CPU's scale."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/production.py", "--model", "transdiff_tiny", "--tokenizer", "pixel", "--img_size",
+         "16", "--vae_stride", "2", "--vae_embed_dim", "12", "--device", "cpu", "--batch_size", "4", "--steps", "21",
+         "--num_workers", "1", "--eval_images", "16", "--eval_bsz", "8", "--sampling_steps", "2"],
+        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"training, batch 4 x mul 4 per GPU, 1 window\(s\) after the first: \S+ images/s, \S+ model "
+                     r"TFLOP/s\n", result.stdout), result.stdout
+    assert re.search(r"evaluation, batch 8, 2 steps: \S+ s per image", result.stdout), result.stdout

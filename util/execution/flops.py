@@ -65,3 +65,24 @@ class Throughput(NamedTuple):
         rate = images / seconds if seconds > 0 else float("nan")
         flops = rate * flops_per_image
         return cls(rate, flops, flops / peak if peak else None)
+
+
+def sampling_flops_per_image(build_model: Callable[[], torch.nn.Module], guided: bool = True,
+                             batch: int = 2) -> tuple[float, float]:
+    """FLOPs per image of sampling a model's first stage, counted on the meta device: `(once, per_step)`, the
+    condition (the encoder and every block's cross-attention keys/values) and one velocity evaluation, both with
+    the unconditional branch when `guided` (the rows `[cond; uncond]`). An image of N steps costs about
+    `once + N * per_step` (MRAR: per stage, its later stages' encoder reading more tokens)."""
+    with torch.device("meta"):
+        model = build_model().eval()
+        rows = 2 * batch if guided else batch
+        embedding = torch.zeros(rows, model.fake_latent.shape[1])  # [B', D]
+        tokens = torch.zeros(rows, model.tokens_per_stage, model.token_embed_dim) if model.mrar else None
+        x = torch.zeros(rows, model.diff_seqlen, model.decoder_token_dim)  # [B', N, C]
+        t = torch.zeros(rows)  # [B']
+    net = model.diffdecoder.net
+    with torch.no_grad(), FlopCounterMode(display=False) as condition:
+        prepared = net.prepare_condition(model.forward_encoder(tokens, embedding))
+    with torch.no_grad(), FlopCounterMode(display=False) as step:
+        net.forward_prepared(x, prepared, t)
+    return condition.get_total_flops() / batch, step.get_total_flops() / batch

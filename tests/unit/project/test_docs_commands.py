@@ -20,6 +20,7 @@ from util.settings import get_args_parser, resolve_args, resolve_device
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import compare  # noqa: E402
 import digits_sweep  # noqa: E402
+import production  # noqa: E402
 
 PAGES = ["README.md", "fid_stats/README.md", *sorted(p.relative_to(REPO_ROOT).as_posix()
                                                      for p in (REPO_ROOT / "docs").glob("*.md"))]
@@ -32,6 +33,7 @@ PARSERS = {  # script -> its argument parser
     "tools/digits_metrics.py": digits_metrics.get_args_parser,
     "benchmarks/compare.py": compare.get_args_parser,
     "benchmarks/digits_sweep.py": digits_sweep.get_args_parser,
+    "benchmarks/production.py": production.get_args_parser,
 }
 SHELL_SCRIPTS = ("scripts/quickstart.sh", "scripts/test.sh", "scripts/gpu_check.sh", "benchmarks/gpu.sh")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
