@@ -9,14 +9,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.noise import PerImageNoise
 from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
 from util import distributed as dist
 from util.data.datasets import cached_latent_path, write_cached_latent
 from util.errors import RunError
 from util.eval.fidelity import MissingMetricFile
 from util.eval.images import image_grid, to_uint8
-from util.eval.layout import Evaluation, claim_folder, image_class, image_path, image_seed, is_complete_png
+from util.eval.layout import Evaluation, claim_folder, image_class, image_noise, image_path, is_complete_png
 from util.eval.npz_export import write_adm_npz
 from util.eval.registry import EVAL_METRICS, SHARED_INCEPTION, MetricSettings
 from util.execution.flops import Throughput
@@ -215,7 +214,7 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
                 continue
             started = time.time()
             labels = torch.tensor([image_class(i, args.num_images, args.class_num) for i in indices], device=device)
-            noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in indices)
+            noise = image_noise(args.seed, indices)
             with context():
                 latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
                                       scale_0=args.scale_0, scale_1=args.scale_1, generator=noise,
@@ -339,7 +338,7 @@ def preview(net, tokenizer, args, epoch, device, context, writer) -> str:
     was_training = net.training
     net.eval()
     labels = torch.tensor([c for c in preview_classes(args) for _ in range(args.preview_per_class)], device=device)
-    noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in range(len(labels)))
+    noise = image_noise(args.seed, range(len(labels)))
     with context():
         latents = net.samples(labels, args.preview_steps, cfg=args.cfg, sampler=PREVIEW_SAMPLER, generator=noise)
     images = decode_images(tokenizer, latents, args.precision, device)  # [B, 3, H, W]

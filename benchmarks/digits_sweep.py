@@ -28,13 +28,13 @@ import torch  # noqa: E402
 import main as transdiff_main  # noqa: E402
 import quickstart  # noqa: E402
 from digits.judge import load_digits_classifier, predict, prepare_classifier_input  # noqa: E402
-from models.noise import PerImageNoise, TorchNoise  # noqa: E402
+from models.noise import TorchNoise  # noqa: E402
 from models.samplers import run_sampler  # noqa: E402
 from models.tokenizers import build_tokenizer, decode_from_latents  # noqa: E402
 from models.transdiff import TRANSDIFF_MODELS  # noqa: E402
 from util.checkpoint import load_checkpoint, select_weights  # noqa: E402
 from util.eval.images import to_uint8  # noqa: E402
-from util.eval.layout import image_seed  # noqa: E402
+from util.eval.layout import image_noise  # noqa: E402
 from util.execution.precision import autocast_context  # noqa: E402
 from util.io import write_json  # noqa: E402
 from util.settings import get_args_parser as main_args_parser  # noqa: E402
@@ -103,7 +103,7 @@ def precision_deviation(out: Path, setting: Setting, num_images: int) -> list[di
     device = torch.device("cpu")
     results = {}
     for precision in ("fp32", "bf16", "fp16"):
-        noise = PerImageNoise.from_seeds(image_seed(args.seed, i) for i in range(num_images))
+        noise = image_noise(args.seed, range(num_images))
         with autocast_context(precision, device.type)():
             latents = model.samples(labels, setting.steps, cfg=setting.cfg, sampler=setting.sampler,
                                     generator=noise).float()  # [N, C, h, w]

@@ -3,11 +3,14 @@
 * `TorchNoise(generator)`: draws whole tensors from one `torch.Generator` (or the global RNG).
 * `PerImageNoise(generators)`: row `i` of every draw comes from generator `i`, so an image's noise does
   not depend on which batch it landed in (EDM's `StackedRandomGenerator` idea).
+* `PhiloxNoise(keys)`: the same with numpy's Philox counter-based generator per image, keyed by a 128-bit
+  integer: nothing of the key is truncated (torch's CPU generator keeps only 32 bits of a seed).
 
 Anything with the `NoiseSource` method `randn(shape, *, device, dtype)` can be passed instead.
 """
 from typing import Iterable, Optional, Protocol, Sequence
 
+import numpy as np
 import torch
 
 
@@ -59,6 +62,23 @@ class PerImageNoise:
         for row, generator in zip(draw, self.generators):
             torch.randn(tuple(shape[1:]), generator=generator, dtype=dtype, out=row)
         return to_device(draw, device)
+
+
+class PhiloxNoise:
+    """Row `i` of every draw from numpy's Philox generator with key `keys[i]` (an int below 2**128): standard
+    normals by numpy's `Generator.standard_normal` in float32, drawn on the host (into pinned memory for a GPU),
+    so an image's noise depends on its key alone, not on its batch or the device."""
+
+    def __init__(self, keys: Iterable[int]):
+        self.generators = [np.random.Generator(np.random.Philox(key=int(key))) for key in keys]
+
+    def randn(self, shape, *, device, dtype):
+        if shape[0] != len(self.generators):
+            raise ValueError(f"draw of batch {shape[0]} but {len(self.generators)} per-image generators")
+        draw = torch.empty(tuple(shape), dtype=torch.float32, pin_memory=torch.device(device).type == "cuda")
+        for row, generator in zip(draw.numpy(), self.generators):  # [B, ...] on the host, written in place
+            generator.standard_normal(out=row, dtype=np.float32)
+        return to_device(draw, device).to(dtype)
 
 
 def as_noise_source(generator) -> NoiseSource:

@@ -65,7 +65,8 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, 
             (os.killpg(process.pid, signal.SIGTERM) if nproc > 1 else process.send_signal(signal.SIGTERM))
             break
     output = process.stdout.read()
-    assert process.wait(timeout=120) != 0
+    code = process.wait(timeout=120)
+    assert code == 143 if nproc == 1 else code != 0, output[-2000:]  # torchrun reports its workers' failure
     checkpoint = load_checkpoint(str(stopped / "checkpoint-last.pth"))
     assert checkpoint["epoch"] == 1 and 0 < checkpoint["epoch_step"] < checkpoint["steps_per_epoch"], output[-2000:]
     assert len(checkpoint["rng_states"]) == nproc

@@ -1,9 +1,10 @@
 """How an evaluation is laid out on disk, in one place: its folder, its manifest, and image `index`'s file,
-class and seed.
+class and noise.
 
 Image `index` of an `num_images`-image run is `{index:05d}.png` and belongs to class
-`index // (num_images // class_num)` (the original's class-major order); its noise comes from seed
-`(base_seed << 32) + index`, so it is the same image whatever the world size, batch order or resumption.
+`index // (num_images // class_num)` (the original's class-major order); its noise is its own Philox stream,
+keyed by `--seed` and `index` together (`image_key`: 128 bits, nothing truncated), so it is the same image
+whatever the world size, batch order or resumption, and another seed shares no stream with it.
 
 An evaluation folder holds `manifest.json`: what was evaluated (the weights' digest, EMA or raw, the checkpoint it
 came from) and every setting that changes the images. The folder name is the original's readable one plus a short
@@ -16,14 +17,16 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 from PIL import Image
 
+from models.noise import PhiloxNoise
 from models.samplers import DEFAULT_SAMPLER
 from util.io import write_json
 
 MANIFEST = "manifest.json"
+NOISE = "philox(key=(seed mod 2**64) << 64 | index), numpy standard_normal float32"  # recorded with every evaluation
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class Evaluation:
     ema: bool                 # the EMA weights (else the raw ones)
     checkpoint: str           # the file the weights came from ('' for none)
     epoch: str                # the checkpoint's epoch label: a number, 'released' or 'scratch'
-    seed: int                 # base of the per-image seeds (`image_seed`)
+    seed: int                 # with the index, each image's noise key (`image_key`)
     model: str
     mrar: bool
     patch_size: int
@@ -66,7 +69,7 @@ class Evaluation:
                 "tokenizer": self.tokenizer, "vae_stride": self.vae_stride, "vae_embed_dim": self.vae_embed_dim,
                 "sampler": self.sampler, "num_sampling_steps": self.num_sampling_steps, "cfg": self.cfg,
                 "scale_0": self.scale_0, "scale_1": self.scale_1, "cfg_interval": self.cfg_interval,
-                "num_images": self.num_images, "precision": self.precision}
+                "num_images": self.num_images, "precision": self.precision, "noise": NOISE}
 
     def record(self) -> dict:
         """The settings that move the scores, in the order of the log line and the `metrics.json` record."""
@@ -74,7 +77,7 @@ class Evaluation:
                 "weights_digest": self.weights_digest, "sampler": self.sampler,
                 "num_sampling_steps": self.num_sampling_steps, "cfg": self.cfg, "cfg_interval": self.cfg_interval,
                 "scale_0": self.scale_0, "scale_1": self.scale_1, "precision": self.precision, "seed": self.seed,
-                "num_images": self.num_images, "images_per_class": self.num_images // self.class_num}
+                "noise": NOISE, "num_images": self.num_images, "images_per_class": self.num_images // self.class_num}
 
     def folder(self, output_dir: str) -> str:
         """`<output_dir>/<the original's readable name>-<8 hex digits of the identity>[_ema][_evaluate]`; the
@@ -97,9 +100,17 @@ def image_class(index: int, num_images: int, class_num: int) -> int:
     return index // (num_images // class_num)
 
 
-def image_seed(base_seed: int, index: int) -> int:
-    """Per-image seed of evaluation image `index`."""
-    return (base_seed << 32) + index
+def image_key(seed: int, index: int) -> int:
+    """The 128-bit Philox key of evaluation image `index` under `--seed`: the seed (mod 2**64) in the high 64 bits,
+    the index in the low 64, so that no two (seed, index) pairs share a key."""
+    if not 0 <= index < 2**64:
+        raise ValueError(f"image index {index} outside [0, 2**64)")
+    return ((seed % 2**64) << 64) | index
+
+
+def image_noise(seed: int, indices: Iterable[int]) -> PhiloxNoise:
+    """The noise of evaluation images `indices` (`NOISE`): each image's own Philox stream (`image_key`)."""
+    return PhiloxNoise(image_key(seed, index) for index in indices)
 
 
 def image_path(folder: str, index: int) -> str:

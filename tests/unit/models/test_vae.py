@@ -165,3 +165,23 @@ def test_deterministic_posterior_is_a_point_mass():
     posterior = DiagonalGaussianDistribution(_moments(0.0), deterministic=True)
     assert torch.equal(posterior.std, torch.zeros(1, 2, 2, 2))
     assert torch.equal(posterior.sample(torch.Generator().manual_seed(0)), posterior.mean)
+
+
+def test_small_kl_vae_reproduces_the_originals_numbers(golden_dir):
+    """The KL-16 architecture at a small width, with perturbed float16-representable weights, against the original
+    code's outputs (tests/golden/README.md): encode's moments and both decodes, at the parity tolerance."""
+    case = torch.load(golden_dir / "vae_small_cases.pt", weights_only=True)["encode_decode"]
+    config = case["config"]
+    vae = AutoencoderKL(embed_dim=config["embed_dim"], ch_mult=tuple(config["ch_mult"]), ch=config["ch"])
+    vae.load_state_dict({key: value.float() for key, value in
+                         torch.load(golden_dir / "vae_small_model.pt", weights_only=True).items()})
+    vae.eval()
+    inputs, expected = case["inputs"], case["outputs"]
+    with torch.no_grad():
+        posterior = vae.encode(inputs["x"])
+        got = {"mean": posterior.mean, "logvar": posterior.logvar, "std": posterior.std,
+               "moments": posterior.parameters, "decoded_z": vae.decode(inputs["z"]),
+               "decoded_mean": vae.decode(posterior.mean)}
+    assert set(got) == set(expected)
+    for name, value in got.items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-4, msg=name)
