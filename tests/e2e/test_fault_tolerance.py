@@ -3,6 +3,7 @@ restarts, evaluations that cannot mix models, truncated images, and caching with
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,46 @@ def test_sigterm_saves_mid_epoch_and_the_resumed_run_is_bit_identical(tmp_path, 
     assert_same_weights(straight, stopped)
     epochs = [json.loads(line)["epoch"] for line in (stopped / "log.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
+
+
+def worker_of_rank(torchrun_pid: int, output_dir, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` for the run into `output_dir` (from the workers' environments)."""
+    workers = subprocess.run(["pgrep", "-f", f"output_dir {output_dir}"], capture_output=True, text=True)
+    for pid in map(int, workers.stdout.split()):
+        if pid != torchrun_pid and f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1rank", "sigterm_to_rank_1_of_2"])
+def test_sigterm_alone_saves_at_the_next_step_and_every_rank_saves_there(tmp_path, data, nproc):
+    """No periodic save in the way: the SIGTERM itself makes the save, at the next optimizer step, inside the
+    epoch. With 2 ranks it reaches rank 1 only; both ranks save together (one checkpoint holding both ranks'
+    states) and stop, and the resumed run equals an uninterrupted one."""
+    args = [*FAST, "--data_path", data, "--epochs", 30, "--preview_freq", 0]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    run([*args, "--output_dir", straight], nproc=nproc)
+    process = launch([*args, "--output_dir", stopped], nproc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in process.stdout:
+        if re.search(r"Epoch: \[1\]\s+\[\s*0/", line):  # rank 0 finished epoch 1's first step
+            os.kill(process.pid if nproc == 1 else worker_of_rank(process.pid, stopped, 1), signal.SIGTERM)
+            break
+    output = process.stdout.read()
+    code = process.wait(timeout=120)
+    assert code == 143 if nproc == 1 else code != 0, output[-2000:]
+    assert "SIGTERM: saved" in output
+    checkpoint = load_checkpoint(str(stopped / "checkpoint-last.pth"))
+    assert 1 <= checkpoint["epoch"] < 29 and 0 < checkpoint["epoch_step"] < checkpoint["steps_per_epoch"]
+    assert len(checkpoint["rng_states"]) == nproc
+    run([*args, "--output_dir", stopped], nproc=nproc)
+    assert_same_weights(straight, stopped)
+
+
+def test_save_every_minutes_saves_inside_epochs(tmp_path, data):
+    out = tmp_path / "out"
+    run([*FAST, "--data_path", data, "--epochs", 1, "--save_every_minutes", 0.0001, "--output_dir", out])
+    saves = re.findall(r"saved \S+checkpoint-last.pth at epoch 0, batch (\d+) of 12", (out / "log.txt").read_text())
+    assert [int(batch) for batch in saves] == list(range(1, 12))  # the clock is due after every step
 
 
 def sigkill_if_running(process) -> bool:

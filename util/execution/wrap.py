@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -30,8 +31,11 @@ from util.errors import RunError
 STRATEGIES = ("ddp",)
 # Gradients are views into DDP's communication buckets (no copy in and out of them, one gradient-sized buffer
 # less); and no buffer is broadcast before every forward: TransDiff's only buffer, the MRAR attention mask, is a
-# constant that every rank builds the same. The results are those of DDP's defaults, bit for bit.
-DDP_OPTIONS = dict(gradient_as_bucket_view=True, broadcast_buffers=False)
+# constant that every rank builds the same. The results are those of DDP's defaults, bit for bit. (torch 2.14
+# names the buffer switch `forward_sync_buffers`; earlier versions `broadcast_buffers`.)
+_DDP_PARAMETERS = inspect.signature(DistributedDataParallel).parameters
+_BUFFER_SYNC = "forward_sync_buffers" if "forward_sync_buffers" in _DDP_PARAMETERS else "broadcast_buffers"
+DDP_OPTIONS = {"gradient_as_bucket_view": True, _BUFFER_SYNC: False}
 
 
 class RanksDiverged(RunError):
