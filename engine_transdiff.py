@@ -11,10 +11,11 @@ from tqdm import tqdm
 
 from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
 from util import distributed as dist
+from util.checkpoint import first_non_finite
 from util.data.datasets import cached_latent_path, write_cached_latent
 from util.errors import RunError
 from util.eval.fidelity import MissingMetricFile
-from util.eval.images import image_grid, to_uint8
+from util.eval.images import constant_images, image_grid, is_constant_png, to_uint8
 from util.eval.layout import Evaluation, claim_folder, image_class, image_noise, image_path, is_complete_png
 from util.eval.npz_export import write_adm_npz
 from util.eval.registry import EVAL_METRICS, SHARED_INCEPTION, MetricSettings
@@ -33,7 +34,8 @@ PNG_WRITERS = 4  # threads encoding and writing an evaluation's PNGs beside the 
 
 
 class NonFiniteLoss(RunError):
-    """Training stopped because the loss was NaN or infinite (no checkpoint is written after it)."""
+    """Training stopped because the loss, the weights or the EMA held a NaN or an infinity (nothing is saved after
+    it)."""
 
 
 def decode_images(tokenizer, latents: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
@@ -97,8 +99,8 @@ class TrainingMonitor:
         loss = dist.all_reduce_mean(self.loss_sum) / self.steps
         if not math.isfinite(loss):
             (epoch, first), (_, last) = self.first, self.last
-            raise NonFiniteLoss(f"loss is {loss} at epoch {epoch}, steps {first}-{last}; stopping. The last "
-                                "checkpoint is untouched. With fp16, try --bf16.")
+            raise NonFiniteLoss(f"loss is {loss} at epoch {epoch}, steps {first}-{last}; stopping without saving "
+                                f"these steps. {RESUME_ADVICE}")
         seconds = time.perf_counter() - self.started
         self.windows.append(Window(loss, self.steps, Throughput.of(
             self.steps * self.images_per_step, seconds, self.flops_per_image, self.peak)))
@@ -108,6 +110,22 @@ class TrainingMonitor:
         """The windows flushed since the last call."""
         windows, self.windows = self.windows, []
         return windows
+
+
+RESUME_ADVICE = ("A rerun resumes from the last checkpoint saved before them, if any; with fp16, try --bf16, or "
+                 "lower --lr or --grad_clip")
+
+
+def check_before_save(monitor: TrainingMonitor, model: torch.nn.Module, ema) -> None:
+    """What every save checks first, so that a diverged step is never saved: the loss since its last read
+    (`TrainingMonitor.flush`), then the weights and the EMA, every tensor finite. Raises NonFiniteLoss naming the
+    first that is not."""
+    monitor.flush()
+    for module, what in ((model, "weights"), (ema.module, "EMA weights")):
+        key = first_non_finite(module.state_dict())
+        if key is not None:
+            raise NonFiniteLoss(f"the {what} hold non-finite values ({key}) after the last optimizer step; stopping "
+                                f"without saving them. {RESUME_ADVICE}")
 
 
 def train_one_epoch(execution, ema, tokenizer, loader, optimizer, scaler, epoch, args, device, context, writer,
@@ -193,7 +211,8 @@ def evaluation_of(net, tokenizer, args, epoch_label: str, cfg, use_ema: bool, so
 
 @torch.no_grad()
 def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) -> int:
-    """Write `{index:05d}.png` for every index < num_images; returns how many this rank generated.
+    """Write `{index:05d}.png` for every index < num_images; returns how many of this rank's images, made now or
+    found complete, are one colour all over.
 
     Batches of `eval_bsz` consecutive indices are dealt round-robin to the ranks; a batch whose PNGs all
     exist and decode at the right size is skipped, so an interrupted run resumes without duplicating or
@@ -203,7 +222,7 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
     """
     num_batches = math.ceil(args.num_images / args.eval_bsz)
     mine = range(dist.get_rank(), num_batches, dist.get_world_size())
-    generated, timed, seconds = 0, 0, 0.0
+    generated, timed, seconds, constant = 0, 0, 0.0, 0
     progress = tqdm(mine, desc="generating", disable=not dist.is_main_process(), dynamic_ncols=True)
     writing: List[List[Future]] = []  # the PNG writes of the batches still in flight
     with ThreadPoolExecutor(max_workers=PNG_WRITERS, thread_name_prefix="png") as writers:
@@ -211,6 +230,7 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
             indices = range(batch * args.eval_bsz, min((batch + 1) * args.eval_bsz, args.num_images))
             paths = [image_path(folder, index) for index in indices]
             if all(is_complete_png(path, args.img_size) for path in paths):
+                constant += sum(map(is_constant_png, paths))
                 continue
             started = time.time()
             labels = torch.tensor([image_class(i, args.num_images, args.class_num) for i in indices], device=device)
@@ -219,8 +239,9 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
                 latents = net.samples(labels, args.num_sampling_steps, cfg=cfg, sampler=args.sampler,
                                       scale_0=args.scale_0, scale_1=args.scale_1, generator=noise,
                                       cfg_interval=args.cfg_interval)
-            images = decode_images(tokenizer, latents, args.precision, device)
-            writing.append([writers.submit(save_png, path, pixels) for path, pixels in zip(paths, to_uint8(images))])
+            pixels = to_uint8(decode_images(tokenizer, latents, args.precision, device))  # [B, H, W, 3]
+            constant += constant_images(pixels)
+            writing.append([writers.submit(save_png, path, image) for path, image in zip(paths, pixels)])
             while len(writing) > 2:
                 wait_for(writing.pop(0))
             if generated:  # the first batch includes warm-up; time the rest, as the original
@@ -231,7 +252,7 @@ def generate_images(net, tokenizer, folder, args, cfg, device, context, logger) 
             wait_for(writes)
     if timed:
         logger.info(f"rank {dist.get_rank()}: {seconds / timed:.4f} s per image")
-    return generated
+    return constant
 
 
 def wait_for(writes: List[Future]) -> None:
@@ -287,12 +308,17 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     logger.info(f"evaluating into {folder}; settings that move the scores: "
                 + ", ".join(f"{key} {value}" for key, value in settings.items()))
     started = time.time()
-    generate_images(net, tokenizer, folder, args, cfg, device, context, logger)
+    constant = int(dist.all_reduce_sum([generate_images(net, tokenizer, folder, args, cfg, device, context,
+                                                        logger)])[0])
     net.train(was_training)
     dist.barrier()
     SHARED_INCEPTION.extract(folder, device)  # every rank's share of the Inception features, for rank 0
 
-    record = {**settings, "folder": folder, "generation_minutes": (time.time() - started) / 60}
+    record = {**settings, "folder": folder, "generation_minutes": (time.time() - started) / 60,
+              "constant_images": constant}
+    if constant:
+        logger.warning(f"{constant} of {args.num_images} images in {folder} are one colour all over: the model "
+                       "samples nothing (diverged or untrained weights?); their scores mean little")
     if dist.is_main_process():
         if args.save_npz:
             record["npz"] = folder + ".npz"

@@ -28,6 +28,7 @@ from util.execution.wrap import compile_blocks, wrap_model
 from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
 from util.logger import TensorboardWriter, create_logger
 from util.optim import EMA, build_grad_scaler, build_optimizer
+from util.run_lock import FolderInUse, RunLock
 from util.settings import SettingsError, get_args_parser, resolve_args
 
 
@@ -118,7 +119,13 @@ def start_training_run(args, logger, start_epoch):
     dropped = truncate_json_lines(os.path.join(args.output_dir, "log.jsonl"), lambda r: r["epoch"] < start_epoch)
     if dropped:
         logger.info(f"log.jsonl: dropped {dropped} record(s) of epochs from {start_epoch} on, which run again")
-    write_json(os.path.join(args.output_dir, "args.json"), vars(args))
+
+
+def write_run_args(args) -> None:
+    """`<output_dir>/args.json`: the settings of the run that wrote the folder's latest checkpoint (rank 0, after
+    each save; a run that fails before its first save leaves the folder's as it was)."""
+    if dist.is_main_process():
+        write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
 
 def run_settings(args) -> run_state.RunSettings:
@@ -171,7 +178,8 @@ def train(args, model, ema, tokenizer, device, context, logger):
                                purge_step=int((restored.start_epoch + restored.start_step / steps) * 1000))
     can_preview = args.preview_freq and not any(p.is_meta for p in tokenizer.parameters())
     checkpoints = run_state.Checkpointer(run, execution, ema, optimizer, scaler, steps, logger,
-                                         before_save=monitor.flush)
+                                         before_save=lambda: engine.check_before_save(monitor, model, ema),
+                                         after_save=lambda: write_run_args(args))
     logger.info(f"training epochs {restored.start_epoch}..{args.epochs - 1}" if restored.start_epoch < args.epochs
                 else f"nothing to train: the run already finished epoch {args.epochs - 1}")
     started = time.time()
@@ -197,17 +205,56 @@ def train(args, model, ema, tokenizer, device, context, logger):
     finally:
         checkpoints.close()
         writer.close()
+        stop_loader_workers(loader)
     logger.info(f"training took {(time.time() - started) / 60:.1f} min")
+
+
+def stop_loader_workers(loader) -> None:
+    """Stop the loader's persistent workers now. After an error they would live on until the loader is collected,
+    which may be at an unrelated moment (a notebook's next run), and then take seconds to stop."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+
+
+def claim_output_dir(output_dir: str) -> tuple[RunLock | None, str | None]:
+    """Rank 0 takes the folder's lock (`util.run_lock`): (the lock, a note on a dead run's lock taken over). Every
+    rank stops with rank 0's message when another run holds the folder."""
+    lock = note = refusal = None
+    if dist.is_main_process():
+        lock = RunLock(output_dir)
+        try:
+            note = lock.acquire()
+        except FolderInUse as error:
+            lock, refusal = None, str(error)
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise FolderInUse(refusal)
+    return lock, note
 
 
 def main(args):
     info = dist.init_distributed(args.device, args.dist_on_itp, args.dist_url, args.dist_timeout)
-    device = info.device
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        lock, note = claim_output_dir(args.output_dir)
+        try:
+            train_or_evaluate(args, info.device, note)
+        finally:
+            if lock is not None:
+                lock.release()
+    finally:
+        dist.cleanup()
+
+
+def train_or_evaluate(args, device, lock_note):
+    """Train or evaluate, holding the output folder."""
     if device.type == "cuda":
         configure_cuda_backends(args.tf32)
-    os.makedirs(args.output_dir, exist_ok=True)
     logger = create_logger(args.output_dir)
     logger.info("command: " + " ".join(sys.argv))
+    if lock_note:
+        logger.info(lock_note)
     logger.info(json.dumps(vars(args), indent=1, default=str))
     seed_everything(args.seed + dist.get_rank())
 
@@ -223,18 +270,15 @@ def main(args):
         if args.evaluate:
             compile_blocks(model)
     context = autocast_context(args.precision, device.type)
-    try:
-        if args.evaluate:
-            restored = restore_replicas(run_settings(args), model, ema, None, None, logger)
-            (ema.module if args.eval_wo_ema else model).to("cpu")  # only the sampled weights stay on the device
-            writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
-            engine.evaluate(model, ema, tokenizer, args, restored.epoch_label, device, context, writer, logger,
-                            cfg=args.cfg, use_ema=not args.eval_wo_ema, source=restored.path)
-            writer.close()
-        else:
-            train(args, model, ema, tokenizer, device, context, logger)
-    finally:
-        dist.cleanup()
+    if args.evaluate:
+        restored = restore_replicas(run_settings(args), model, ema, None, None, logger)
+        (ema.module if args.eval_wo_ema else model).to("cpu")  # only the sampled weights stay on the device
+        writer = TensorboardWriter(args.log_dir, enabled=dist.is_main_process())
+        engine.evaluate(model, ema, tokenizer, args, restored.epoch_label, device, context, writer, logger,
+                        cfg=args.cfg, use_ema=not args.eval_wo_ema, source=restored.path)
+        writer.close()
+    else:
+        train(args, model, ema, tokenizer, device, context, logger)
 
 
 def cli(argv=None):

@@ -22,7 +22,7 @@ from util.data.datasets import CACHE_CLASSES, ImageFolderWithChecks, cached_late
 from util.errors import RunError, run_cli
 from util.io import remove_stale_temp_files, write_json
 from util.logger import create_logger
-from util.settings import add_data_args, add_distributed_args, add_legacy_args, add_tokenizer_args
+from util.settings import HelpFormatter, add_data_args, add_distributed_args, add_legacy_args, add_tokenizer_args
 from util.settings import resolve_device as resolve_settings
 
 
@@ -35,7 +35,7 @@ class ImageFolderWithPaths(ImageFolderWithChecks):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Cache TransDiff tokenizer latents")
+    parser = argparse.ArgumentParser("Cache TransDiff tokenizer latents", formatter_class=HelpFormatter)
     parser.add_argument("--batch_size", default=128, type=int, help="per process")
     add_tokenizer_args(parser)
     add_data_args(parser, cache=True)

@@ -36,6 +36,7 @@ from digits.data import export_digits
 from digits.judge import load_digits_classifier, train_digits_classifier
 from digits.metric import HEADLINE_SCORES
 from digits.scores import score_samples
+from util.errors import run_cli
 from util.eval.images import image_grid, read_generated_images, read_image_folder
 from util.io import atomic_write, write_json
 
@@ -182,4 +183,4 @@ def run_quickstart(args) -> dict:
 
 
 if __name__ == "__main__":
-    run_quickstart(get_args_parser().parse_args())
+    run_cli("quickstart.py", lambda: run_quickstart(get_args_parser().parse_args()))

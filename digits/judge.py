@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from util.checkpoint import check_finite
 from util.eval.images import read_image_folder
 from util.io import atomic_write
 
@@ -203,8 +204,12 @@ def load_digits_classifier(path, map_location="cpu") -> DigitsClassifier:
         val_accuracy = checkpoint["val_accuracy"]
     except FileNotFoundError:
         raise
-    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, TypeError, ValueError, OSError) as error:
+    except pickle.UnpicklingError:
+        raise ValueError(f"cannot read digits judge {path}: foreign bytes, truncated, or pickled Python objects, "
+                         "which are never unpickled") from None
+    except (EOFError, RuntimeError, KeyError, TypeError, ValueError, OSError) as error:
         raise ValueError(f"cannot read digits judge {path}: {type(error).__name__}: {error}") from error
+    check_finite(classifier.state_dict(), f"digits judge {path}")
     classifier.config = checkpoint["config"]
     classifier.val_accuracy = val_accuracy
     return classifier.eval()

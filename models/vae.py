@@ -16,6 +16,7 @@ Latent scale convention (owned here): the diffusion model sees `posterior.sample
 and decoding divides by it. `models/tokenizers.py` applies the convention (`encode_to_latents`,
 `decode_from_latents`); nothing else multiplies by the number.
 """
+import pickle
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -334,7 +335,10 @@ def _read_state_dict(path: Union[str, Path], map_location: Union[str, torch.devi
         )
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch.load fails on foreign files with many types (UnpicklingError, IndexError, ...)
+    except pickle.UnpicklingError:
+        raise ValueError(f"'{path}' is not a readable torch checkpoint: foreign bytes, a truncated file, or pickled "
+                         "Python objects, which are never unpickled") from None
+    except Exception as error:  # torch.load fails on foreign files with many types (IndexError, EOFError, ...)
         raise ValueError(f"'{path}' is not a readable torch checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(checkpoint, Mapping) and "model" in checkpoint:
         checkpoint = checkpoint["model"]
@@ -343,6 +347,10 @@ def _read_state_dict(path: Union[str, Path], map_location: Union[str, torch.devi
             f"'{path}' does not hold a VAE state_dict: expected {{'model': state_dict}} or a state_dict "
             f"of tensors, got {type(checkpoint).__name__}"
         )
+    bad = next((key for key, value in checkpoint.items() if value.is_floating_point() and not value.isfinite().all()),
+               None)
+    if bad is not None:
+        raise ValueError(f"'{path}': tensor {bad} holds non-finite values (NaN or infinity); the file is corrupt")
     return checkpoint
 
 

@@ -39,6 +39,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.data.crops import center_crop_arr
 from util.data.datasets import MRAR_GROUP_SIZE, find_class_folders, load_rgb
+from util.errors import run_cli
 from util.io import atomic_write
 
 MODES = ("random", "nearest")
@@ -162,4 +163,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("build_mrar_index.py", main)

@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 from digits.data import export_digits, read_export_manifest
 from digits.judge import load_digits_classifier, train_digits_classifier
 from digits.scores import score_samples
+from util.errors import run_cli
 from util.eval.images import read_generated_images, read_image_folder
 from util.io import write_json
 
@@ -68,4 +69,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("digits_metrics.py", main)

@@ -58,8 +58,9 @@ from tqdm import tqdm
 
 from models.transdiff import TRANSDIFF_MODELS
 from models.vae import AutoencoderKL
-from util.checkpoint import load_checkpoint, select_weights
+from util.checkpoint import check_finite, load_checkpoint, select_weights
 from util.data.datasets import MRAR_GROUP_SIZE
+from util.errors import run_cli
 from util.eval.fidelity import DEFAULT_FID_STATS, load_reference_statistics
 from util.io import file_sha256, fsync_directory
 from util.presets import SAMPLING_PRESETS
@@ -161,30 +162,23 @@ class VerificationError(RuntimeError):
 # Verification
 
 
-def _check_finite(state_dict: Mapping[str, torch.Tensor]) -> None:
-    bad = [key for key, tensor in state_dict.items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-    if bad:
-        raise ValueError(f"non-finite values in {len(bad)} tensor(s), e.g. {bad[:5]}")
-
-
 def _verify_checkpoint(path: Path, entry: RemoteFile) -> str:
     spec = entry.checkpoint
     if spec is None:
         raise ValueError("registry entry of kind 'checkpoint' has no CheckpointSpec")
     state_dict, source = select_weights(load_checkpoint(str(path)))
+    check_finite(state_dict, f"{path} ({source})")
     with torch.device("meta"):  # keys and shapes only: no memory for a 1.3B-parameter model
         model = TRANSDIFF_MODELS[spec.model](img_size=spec.img_size, mrar=spec.mrar, patch_size=spec.patch_size,
                                              class_num=spec.class_num)
     # assign=True: the meta parameters are replaced, not copied into (a copy into meta is a warned no-op).
     model.load_state_dict(state_dict, strict=True, assign=True)
-    _check_finite(state_dict)
     mode = " --mrar --patch_size 2" if spec.mrar else ""
     return f"'{source}' loads strictly into --model {spec.model}{mode} --img_size {spec.img_size}"
 
 
 def _verify_vae(path: Path, entry: RemoteFile) -> str:
-    vae = AutoencoderKL.from_checkpoint(path, **entry.vae_config)  # strict load; load_kl16 for {}
-    _check_finite(vae.state_dict())
+    vae = AutoencoderKL.from_checkpoint(path, **entry.vae_config)  # strict load and finite: load_kl16 for {}
     return f"loads strictly into AutoencoderKL (stride {vae.stride}, {vae.embed_dim} latent channels)"
 
 
@@ -452,4 +446,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("download.py", lambda: sys.exit(main()))

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as `python tools/make_fid_stats.py`: make `
 
 import torch
 
+from util.errors import run_cli
 from util.eval.fidelity import (
     BATCH_SIZE,
     FEATURE_FID,
@@ -66,4 +67,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli("make_fid_stats.py", main)

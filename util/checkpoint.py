@@ -9,7 +9,8 @@ The original pickles ``args`` as an ``argparse.Namespace``; we write a plain dic
 on load. File names and the save/restore policy belong to `util.run_state`.
 
 Loading never executes arbitrary pickles: ``torch.load(weights_only=True)`` with
-``argparse.Namespace`` as the only extra allowed global.
+``argparse.Namespace`` as the only extra allowed global; it first checks every record against the CRC-32 that
+the zip format stores with it.
 """
 from __future__ import annotations
 
@@ -53,10 +54,13 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
+    in_zip_format = zipfile.is_zipfile(path)
+    if in_zip_format:
+        _verify_checksums(path)
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             # Memory-mapped: a rank's CPU copy of a large checkpoint is read on demand, not held whole.
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=in_zip_format)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" not in str(error):
             raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error}") from error
@@ -70,16 +74,43 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     return checkpoint
 
 
+def _verify_checksums(path: str) -> None:
+    """Check every record of a zip-format checkpoint against the CRC-32 its writer stored (torch.load does not): a
+    byte changed since the write, by the disk or a copy, is refused naming the file instead of loading silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            corrupt = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a PyTorch checkpoint (or is truncated): {error!r}") from error
+    if corrupt is not None:
+        raise ValueError(f"{path} is corrupt: its record {corrupt} fails its CRC-32 checksum, so bytes changed "
+                         "after it was written; use another copy or another checkpoint of the run")
+
+
+def first_non_finite(state_dict: Mapping[str, Any]) -> str | None:
+    """The key of the first floating-point tensor of `state_dict` that holds a NaN or an infinity, or None."""
+    return next((key for key, value in state_dict.items() if isinstance(value, torch.Tensor)
+                 and value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+
+
+def check_finite(state_dict: Mapping[str, Any], source: str) -> None:
+    """Raise ValueError naming `source` and the first tensor of `state_dict` that holds a NaN or an infinity: such
+    weights sample black images and train at NaN, and nothing downstream would say why."""
+    key = first_non_finite(state_dict)
+    if key is not None:
+        raise ValueError(f"{source}: tensor {key} holds non-finite values (NaN or infinity); the file is corrupt "
+                         "or its run diverged")
+
+
 def _disallowed_globals_message(path: str) -> str:
     try:
-        names = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        names = ", ".join(sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path)))
     except Exception:  # not a zip checkpoint: foreign bytes, a truncated file or a legacy pickle
         return (f"{path} is not a PyTorch checkpoint in the zip format: it is truncated or foreign bytes, or a "
                 "legacy pickle, which we refuse to unpickle because that can execute code")
     return (f"{path} contains pickled Python objects outside the allow-list ({names}). We refuse to "
-            "unpickle arbitrary objects because that can execute code. If you trust the file, convert "
-            "it once: ckpt = torch.load(path, weights_only=False); keep only tensors, state dicts and "
-            "plain Python values (e.g. ckpt['args'] = vars(ckpt['args'])), then torch.save(ckpt, path).")
+            "unpickle arbitrary objects because that can execute code. If you trust the file, convert it once "
+            "to tensors, state dicts and plain Python values (docs/reliability.md#foreign-checkpoints).")
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Any]) -> dict:

@@ -11,7 +11,7 @@ Launchers recognised by :func:`init_distributed`, in the order the MAR original 
 * torchrun / ``env://``: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``.
 * SLURM (``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``; ``MASTER_ADDR`` and
   ``MASTER_PORT`` must be exported by the job script for ``env://``. A single-task allocation is a
-  world of one, not a distributed launch.
+  world of one, not a distributed launch; several tasks without srun's ``SLURM_STEP_NUM_TASKS`` are an error.
 * none of these: a world of one with no process group.
 
 The backend is NCCL on CUDA and gloo otherwise. Host-side agreement (numbers, objects, barriers) runs on a gloo
@@ -72,22 +72,33 @@ def parse_launcher_env(env: Mapping[str, str], dist_on_itp: bool = False) -> Lau
     """Map launcher environment variables to ``(rank, world_size, local_rank, launcher)``.
 
     Pure function of ``env`` (pass ``os.environ`` in real use). ``dist_on_itp`` selects the OpenMPI
-    variables, as the MAR flag of that name does. Returns None when no launcher is detected.
+    variables, as the MAR flag of that name does. Returns None when no launcher is detected. Variables that do
+    not add up raise ValueError at once rather than wait for ranks that never come: a rank outside the world, or
+    SLURM's task count in a process that srun did not start (a job script's own ``python main.py``).
     """
     if dist_on_itp:
-        return LaunchEnv(_env_int(env, "OMPI_COMM_WORLD_RANK", "OpenMPI"),
-                         _env_int(env, "OMPI_COMM_WORLD_SIZE", "OpenMPI"),
-                         _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "OpenMPI"), "openmpi")
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(_env_int(env, "RANK", "torchrun"), _env_int(env, "WORLD_SIZE", "torchrun"),
-                         _env_int(env, "LOCAL_RANK", "torchrun"), "torchrun")
-    if "SLURM_PROCID" in env:
+        launch = LaunchEnv(_env_int(env, "OMPI_COMM_WORLD_RANK", "OpenMPI"),
+                           _env_int(env, "OMPI_COMM_WORLD_SIZE", "OpenMPI"),
+                           _env_int(env, "OMPI_COMM_WORLD_LOCAL_RANK", "OpenMPI"), "openmpi")
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        launch = LaunchEnv(_env_int(env, "RANK", "torchrun"), _env_int(env, "WORLD_SIZE", "torchrun"),
+                           _env_int(env, "LOCAL_RANK", "torchrun"), "torchrun")
+    elif "SLURM_PROCID" in env:
         world_size = _env_int(env, "SLURM_NTASKS", "SLURM")
         if world_size == 1:
             return None
-        return LaunchEnv(_env_int(env, "SLURM_PROCID", "SLURM"), world_size,
-                         _env_int(env, "SLURM_LOCALID", "SLURM"), "slurm")
-    return None
+        if "SLURM_STEP_NUM_TASKS" not in env:
+            raise ValueError(f"SLURM_NTASKS={world_size} but this process was not started by srun (no "
+                             "SLURM_STEP_NUM_TASKS): launch it with `srun python main.py ...`, or run one process "
+                             "with `SLURM_NTASKS=1 python main.py ...`")
+        launch = LaunchEnv(_env_int(env, "SLURM_PROCID", "SLURM"), world_size,
+                           _env_int(env, "SLURM_LOCALID", "SLURM"), "slurm")
+    else:
+        return None
+    if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size or launch.local_rank < 0:
+        raise ValueError(f"the {launch.launcher} variables do not add up: rank {launch.rank} of world size "
+                         f"{launch.world_size}, local rank {launch.local_rank}")
+    return launch
 
 
 def resolve_device_type(requested: str | None) -> str:
@@ -183,8 +194,8 @@ def restart_scoped_store(launch: LaunchEnv, init_method: str, timeout: datetime.
 def _require_env(name: str) -> str:
     value = os.environ.get(name)
     if not value:
-        raise RuntimeError(f"distributed launch needs the environment variable {name} "
-                           "(torchrun sets it; with srun or mpirun export it in the job script)")
+        raise ValueError(f"distributed launch needs the environment variable {name} "
+                         "(torchrun sets it; with srun or mpirun export it in the job script)")
     return value
 
 

@@ -5,12 +5,13 @@ An expected failure (a bad flag, an unreadable or mismatched file, a full disk) 
 a bug and keeps its traceback.
 
 Exit codes: 2 for bad settings or inputs (ValueError, TypeError, a missing or misplaced file), 1 for failures
-while running (other OSErrors such as a full disk, the
-project's `RunError`s such as a non-finite loss), 143 after a SIGTERM-triggered save (128 + SIGTERM).
+while running (other OSErrors such as a full disk, the project's `RunError`s such as a non-finite loss), 143 after
+a SIGTERM-triggered save (128 + SIGTERM), 130 after Ctrl-C (SIGINT).
 """
 from __future__ import annotations
 
 import errno
+import re
 import sys
 from collections.abc import Callable
 
@@ -46,8 +47,18 @@ def os_error_cause(error: BaseException) -> OSError | None:
     return None
 
 
+# How torch re-raises, in the main process, an exception of a data-loader worker: its type, where, and the worker's
+# whole traceback, whose last line is the original message.
+_WORKER_ERROR = re.compile(r"^Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback.*"
+                           r"\n(?:[\w.]+\.)?\1: (?P<message>.*)\Z", re.DOTALL)
+
+
 def describe(error: BaseException) -> str:
-    """One line for an expected failure; OS errors in plain words with the file they concern."""
+    """One line for an expected failure; OS errors in plain words with the file they concern; an error raised in a
+    data-loader worker by its own message and the worker it came from."""
+    worker = _WORKER_ERROR.match(str(error))
+    if worker:
+        return f"{worker['message'].strip()} ({worker[2]})"
     os_error = error if isinstance(error, OSError) else None
     if os_error is not None and os_error.errno in _PLAIN_OS_ERRORS:
         where = os_error.filename or ""
@@ -57,9 +68,12 @@ def describe(error: BaseException) -> str:
 
 
 def run_cli(prog: str, run: Callable[[], None]) -> None:
-    """Call ``run()``; report an expected failure in one line and exit with its code."""
+    """Call ``run()``; report an expected failure in one line and exit with its code (130 after Ctrl-C)."""
     try:
         run()
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted (SIGINT); every file written so far is complete\n")
+        sys.exit(130)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
         sys.stderr.write(f"{prog}: error: {describe(error)}\n")
         sys.exit(2)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -98,12 +99,21 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write(path, lambda handle: handle.write(payload), durable=False)
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The value of a JSON file; a truncated or malformed one raises ValueError naming it."""
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({error}): it is truncated or was edited; repair it or move it "
+                         "away") from None
+
+
 def append_json_record(path: str | os.PathLike, record: dict) -> None:
     """Add ``record`` to the JSON list in ``path`` (created if absent), atomically."""
-    records = []
-    if os.path.exists(path):
-        with open(path) as handle:
-            records = json.load(handle)
+    records = read_json(path) if os.path.exists(path) else []
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a JSON {type(records).__name__}, not the list of records it should")
     records.append(record)
     write_json(path, records)
 
@@ -134,13 +144,26 @@ def remove_stale_temp_files(directory: str | os.PathLike, name_glob: str = "*") 
 
 
 def truncate_json_lines(path: str | os.PathLike, keep: Callable[[dict], bool]) -> int:
-    """Rewrite a JSON-lines log keeping the records for which ``keep`` is true; returns how many were dropped."""
+    """Rewrite a JSON-lines log keeping the records for which ``keep`` is true; returns how many were dropped.
+
+    A torn last line (a write killed halfway) is dropped too, with a warning; a malformed line before it raises
+    ValueError naming the file and the line."""
     if not os.path.exists(path):
         return 0
     with open(path) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+        lines = [(number, line) for number, line in enumerate(handle, start=1) if line.strip()]
+    records, torn = [], False
+    for position, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if position < len(lines) - 1:
+                raise ValueError(f"{path}: line {number} is not valid JSON: {line.strip()[:80]!r}") from None
+            warnings.warn(f"{path}: dropped its last line, torn by a killed write: {line.strip()[:80]!r}",
+                          stacklevel=2)
+            torn = True
     kept = [record for record in records if keep(record)]
-    if len(kept) != len(records):
+    if torn or len(kept) != len(records):
         payload = "".join(json.dumps(record, default=str) + "\n" for record in kept).encode()
         atomic_write(path, lambda handle: handle.write(payload), durable=False)
-    return len(records) - len(kept)
+    return len(records) - len(kept) + torn

@@ -22,7 +22,7 @@ import torch
 
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
-from util.checkpoint import adapt_state_dict, load_checkpoint, save_checkpoint, select_weights
+from util.checkpoint import adapt_state_dict, check_finite, load_checkpoint, save_checkpoint, select_weights
 from util.errors import Preempted
 from util.execution.wrap import replica_digests
 from util.optim import full_state_dict
@@ -191,6 +191,25 @@ def _adapt(weights: dict, target: dict, path: str) -> tuple[dict, list[str]]:
         raise ValueError(f"{path}: {error}") from None
 
 
+def _stored_epoch(checkpoint: dict, path: str) -> int:
+    """The checkpoint's epoch (-1 when it has none: released weights); anything but an integer >= 0 is refused."""
+    epoch = checkpoint.get("epoch", -1)
+    if "epoch" in checkpoint and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0):
+        raise ValueError(f"{path}: its epoch {epoch!r} is not an epoch (an integer >= 0); the file is damaged or not "
+                         "a training checkpoint")
+    return epoch
+
+
+def _stored_position(checkpoint: dict, epoch: int, path: str) -> Position:
+    """Where the checkpoint's epoch stands; older checkpoints without a position hold a complete epoch."""
+    position = Position(epoch, checkpoint.get("epoch_step", 1), checkpoint.get("steps_per_epoch", 1))
+    numbers = all(isinstance(n, int) and not isinstance(n, bool) for n in position)
+    if not numbers or position.steps_per_epoch < 1 or not 0 <= position.epoch_step <= position.steps_per_epoch:
+        raise ValueError(f"{path}: its position ({position.epoch_step!r} of {position.steps_per_epoch!r} batches of "
+                         f"epoch {epoch}) is not a position in an epoch; the file is damaged")
+    return position
+
+
 def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored:
     """Load the checkpoint a run starts from (``optimizer`` and ``scaler`` are None when evaluating).
 
@@ -222,13 +241,16 @@ def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored
 
     checkpoint = load_checkpoint(path)
     raw, source = select_weights(checkpoint, use_ema=False)
+    raw_ema, ema_source = select_weights(checkpoint, use_ema=True)
+    check_finite(raw, f"{path} ({source})")
+    check_finite(raw_ema, f"{path} ({ema_source})")
     target = model.state_dict()
     weights, report = _adapt(raw, target, path)
     model.load_state_dict(weights, strict=True)
-    ema.load_state_dict(_adapt(select_weights(checkpoint, use_ema=True)[0], target, path)[0])
+    ema.load_state_dict(_adapt(raw_ema, target, path)[0])
     for line in report:
         logger.info(f"adapted: {line}")
-    epoch = int(checkpoint.get("epoch", -1))
+    epoch = _stored_epoch(checkpoint, path)
     if run.continues(checkpoint) and not run.evaluate:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
@@ -238,7 +260,7 @@ def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored
         if not restore_rng_state(checkpoint.get("rng_states"), device):
             logger.warning("the world size changed since this checkpoint: training continues, but its random "
                            "draws differ from an uninterrupted run")
-        position = Position(epoch, checkpoint.get("epoch_step", 1), checkpoint.get("steps_per_epoch", 1))
+        position = _stored_position(checkpoint, epoch, path)
         if position.complete:
             logger.info(f"resumed {path} (epoch {epoch}): continuing at epoch {epoch + 1}")
             return Restored(epoch + 1, str(epoch), path)
@@ -297,13 +319,13 @@ class Checkpointer:
     """A training run's saves: at the ends of epochs (`save`) and inside them (`inside_epoch`, by `SavePolicy`)."""
 
     def __init__(self, run: RunSettings, execution, ema, optimizer, scaler, steps_per_epoch: int, logger,
-                 before_save: Callable[[], None] = lambda: None):
+                 before_save: Callable[[], None] = lambda: None, after_save: Callable[[], None] = lambda: None):
         """`before_save()` runs before every save and raises to stop a run whose state must not be saved (the
-        engine's check of the loss)."""
+        engine's check of the loss and the weights); `after_save()` runs after it (the run's `args.json`)."""
         self.run, self.execution, self.ema, self.optimizer, self.scaler = run, execution, ema, optimizer, scaler
         self.steps = steps_per_epoch
         self.logger = logger
-        self.before_save = before_save
+        self.before_save, self.after_save = before_save, after_save
         self.optimizer_steps_per_epoch = math.ceil(steps_per_epoch / run.accumulation_steps)
         self.policy = SavePolicy(run.save_every_steps, run.save_every_minutes)
 
@@ -311,6 +333,7 @@ class Checkpointer:
         self.before_save()
         path = save(self.run, name, self.execution, self.ema, self.optimizer, self.scaler,
                     Position(epoch, epoch_step, self.steps))
+        self.after_save()
         self.policy.saved()
         return path
 

@@ -7,6 +7,8 @@ decides the device, derives the absolute learning rate and rejects inconsistent 
 `SAMPLERS`, `TOKENIZERS`, `SAMPLING_PRESETS`, `EVAL_METRICS`), never from lists kept here.
 """
 import argparse
+import math
+import os
 
 from models.samplers import DEFAULT_SAMPLER, SAMPLERS
 from models.tokenizers import TOKENIZERS, check_tokenizer_settings
@@ -29,8 +31,66 @@ LEGACY_NO_OP_FLAGS = {
 }
 
 
+# The range of every number flag that has one, inclusive: (lowest, highest), None for no bound on that side.
+# Every float setting is refused when it is not finite, whether or not it is listed here (`check_numbers`).
+NUMBER_RANGES = {
+    "img_size": (1, None), "vae_embed_dim": (1, None), "vae_stride": (1, None), "patch_size": (1, None),
+    "class_num": (1, None), "buffer_size": (1, None), "diffusion_batch_mul": (1, None), "num_workers": (0, None),
+    "label_drop_prob": (0.0, 1.0), "attn_dropout": (0.0, 1.0), "proj_dropout": (0.0, 1.0),
+    "batch_size": (1, None), "gradient_accumulation_steps": (1, None), "epochs": (0, None), "start_epoch": (0, None),
+    "min_lr": (0.0, None), "warmup_epochs": (0.0, None), "weight_decay": (0.0, None), "grad_clip": (0.0, None),
+    "ema_rate": (0.0, 1.0), "seed": (0, 2**31 - 1),  # each rank seeds numpy with seed + rank, below 2**32
+    "num_sampling_steps": (1, None), "scale_1": (0.0, None),
+    "num_images": (1, None), "eval_bsz": (1, None), "eval_freq": (1, None),
+    "preview_freq": (0, None), "preview_classes": (1, None), "preview_per_class": (1, None), "preview_steps": (1, None),
+    "save_last_freq": (1, None), "save_every_steps": (0, None), "save_every_minutes": (0.0, None),
+}
+POSITIVE_NUMBERS = ("lr", "blr", "peak_tflops", "dist_timeout")  # > 0 when given
+
+
+class HelpFormatter(argparse.RawTextHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with the line breaks of the help texts and every flag's default; a default of None derived from
+    other settings is the one the help text states in words."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class SettingsError(ValueError):
     """An inconsistent combination of flags; the message says what to change."""
+
+
+def check_numbers(args) -> None:
+    """Refuse every float setting that is not finite (lists included, e.g. a per-stage --cfg) and every number
+    outside its range (`NUMBER_RANGES`, `POSITIVE_NUMBERS`); settings a parser does not have are skipped."""
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise SettingsError(f"--{name} {_shown(value)}: must be a finite number")
+    for name, (lowest, highest) in NUMBER_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if highest is None and value < lowest:
+            raise SettingsError(f"--{name} {value}: must be >= {lowest}")
+        if highest is not None and not lowest <= value <= highest:
+            raise SettingsError(f"--{name} {value}: must be in [{lowest}, {highest}]")
+    for name in POSITIVE_NUMBERS:
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise SettingsError(f"--{name} {value}: must be > 0")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, links resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def _cfg_list(text):
@@ -55,7 +115,8 @@ def add_tokenizer_args(parser):
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer", default="kl16", choices=sorted(TOKENIZERS),
                        help="kl16: MAR's KL-16 VAE (weights from --vae_path); pixel: parameter-free space-to-depth")
-    group.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt")
+    group.add_argument("--vae_path", default="ckpt/vae/kl16.ckpt",
+                       help="MAR's KL-16 weights (tools/download.py kl16 puts them here)")
     group.add_argument("--vae_embed_dim", default=16, type=int, help="latent channels (pixel: 3 * vae_stride^2)")
     group.add_argument("--vae_stride", default=16, type=int, help="tokenizer downsampling (kl16: 16)")
 
@@ -65,9 +126,11 @@ def add_data_args(parser, cache: bool = False):
     group.add_argument("--img_size", default=256, type=int, help="image side in pixels")
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root holding train/<class>/...")
     group.add_argument("--skip_corrupt", action="store_true", help="skip unreadable images with a warning")
-    group.add_argument("--num_workers", default=10, type=int)
-    group.add_argument("--pin_mem", action="store_true", default=True)
-    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    group.add_argument("--num_workers", default=10, type=int,
+                       help="data-loading processes per training process (0: load in the main process)")
+    group.add_argument("--pin_mem", action="store_true", default=True,
+                       help="page-locked host memory for the batches (faster copies to a GPU)")
+    group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="ordinary host memory")
     if cache:
         group.add_argument("--cached_path", required=True, help="output folder")
         return
@@ -84,7 +147,8 @@ def add_distributed_args(parser):
     group.add_argument("--device", default=None,
                        help="cuda, cpu, mps, ... (default: cuda when available). cpu means gloo even on a GPU host")
     group.add_argument("--dist_on_itp", action="store_true", help="OpenMPI launcher variables")
-    group.add_argument("--dist_url", default="env://")
+    group.add_argument("--dist_url", default="env://",
+                       help="rendezvous of torchrun and srun launches (env://: MASTER_ADDR and MASTER_PORT)")
     group.add_argument("--dist_timeout", default=dist.DEFAULT_TIMEOUT_MINUTES, type=float,
                        help="minutes a collective may wait before the run stops with an error (a hang); phases\n"
                             "that rank 0 runs alone (metrics, listing a dataset) are waited for up to "
@@ -98,16 +162,20 @@ def add_legacy_args(parser):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("TransDiff training and evaluation", formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser("TransDiff training and evaluation", formatter_class=HelpFormatter)
 
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="transdiff_large", choices=sorted(TRANSDIFF_MODELS))
+    group.add_argument("--model", default="transdiff_large", choices=sorted(TRANSDIFF_MODELS),
+                       help="model size: width, depth and heads of the encoder and the velocity network\n"
+                            "(transdiff_tiny for experiments on a CPU)")
     group.add_argument("--mrar", action="store_true", help="multi-reference autoregression (needs --patch_size 2)")
     group.add_argument("--patch_size", default=1, type=int, help="1 for 1-step AR, 2 for MRAR references")
-    group.add_argument("--class_num", default=1000, type=int)
+    group.add_argument("--class_num", default=1000, type=int,
+                       help="classes of the class embedding (at least the training data's class folders)")
     group.add_argument("--label_drop_prob", default=0.1, type=float, help="class-label dropout for cfg training")
-    group.add_argument("--attn_dropout", default=0.1, type=float)
-    group.add_argument("--proj_dropout", default=0.1, type=float)
+    group.add_argument("--attn_dropout", default=0.1, type=float, help="dropout of the attention weights")
+    group.add_argument("--proj_dropout", default=0.1, type=float,
+                       help="dropout after the attention and MLP projections")
     group.add_argument("--buffer_size", default=64, type=int, help="class-embedding prefix slots of the encoder")
     group.add_argument("--diffusion_batch_mul", default=1, type=int,
                        help="noise/time draws per sample per step (README: 4 pretrain, 2 MRAR, 4 512px)")
@@ -128,16 +196,19 @@ def get_args_parser():
         "optimisation", "Training images: random square crop (side min(H,W)) resized to --img_size, random flip.\n"
                         "Cached latents (main_cache.py): ADM centre crop, flip chosen at load time.")
     group.add_argument("--batch_size", default=16, type=int, help="per process; effective = x world x accumulation")
-    group.add_argument("--epochs", default=400, type=int)
+    group.add_argument("--epochs", default=400, type=int, help="epochs to train in all (a resumed run stops there)")
     group.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * effective batch / 256)")
-    group.add_argument("--blr", default=1e-4, type=float)
-    group.add_argument("--min_lr", default=0.0, type=float)
-    group.add_argument("--lr_schedule", default="constant", choices=SCHEDULES)
+    group.add_argument("--blr", default=1e-4, type=float,
+                       help="base lr per 256 images of effective batch (without --lr: lr = blr x batch / 256)")
+    group.add_argument("--min_lr", default=0.0, type=float, help="the lr the cosine schedule ends at")
+    group.add_argument("--lr_schedule", default="constant", choices=SCHEDULES,
+                       help="after the warm-up: constant (the original's) or cosine down to --min_lr")
     group.add_argument("--warmup_epochs", default=100, type=float, help="per-iteration linear warm-up")
     group.add_argument("--weight_decay", default=0.02, type=float,
                        help="AdamW decay; none on 1-D params, biases and the diffusion decoder (as the original)")
-    group.add_argument("--grad_clip", default=3.0, type=float)
-    group.add_argument("--ema_rate", default=0.9999, type=float)
+    group.add_argument("--grad_clip", default=3.0, type=float, help="gradient norm clipping (0: off)")
+    group.add_argument("--ema_rate", default=0.9999, type=float,
+                       help="EMA decay per optimizer step: ema = rate x ema + (1 - rate) x weights")
     group.add_argument("--gradient_accumulation_steps", default=1, type=int,
                        help="micro-batches per optimizer step (their gradients are summed, as the original)")
     group.add_argument("--bf16", action="store_true", help="bf16 autocast (weights and EMA stay float32)")
@@ -166,22 +237,28 @@ def get_args_parser():
                        help=f"default {DEFAULT_SAMPLER}, the original's SDE")
     group.add_argument("--num_sampling_steps", default=100, type=int,
                        help="time steps per image (per MRAR stage)")
-    group.add_argument("--cfg", default=None, type=_cfg_list, help="guidance scale, or 4 comma-separated (MRAR)")
+    group.add_argument("--cfg", default=None, type=_cfg_list,
+                       help="guidance scale, or 4 comma-separated (MRAR)\n"
+                            "(default: the --preset's, else 1.0: no guidance)")
     group.add_argument("--cfg_interval", default=None, type=_interval,
                        help="LO,HI: guidance only while t (1 = noise, 0 = data) lies in [LO, HI]; conditional-only\n"
                             "evaluations elsewhere cost half (default: guidance at every step)")
-    group.add_argument("--scale_0", default=None, type=float, help="maruyama: drift (mean) scale, default 1.0")
-    group.add_argument("--scale_1", default=None, type=float, help="maruyama: noise (std) scale, default 1.0")
+    group.add_argument("--scale_0", default=None, type=float,
+                       help="maruyama: drift (mean) scale (default: the --preset's, else 1.0)")
+    group.add_argument("--scale_1", default=None, type=float,
+                       help="maruyama: noise (std) scale (default: the --preset's, else 1.0)")
 
     group = parser.add_argument_group("evaluation")
     group.add_argument("--evaluate", action="store_true", help="generate --num_images images and score them")
-    group.add_argument("--num_images", default=50000, type=int)
+    group.add_argument("--num_images", default=50000, type=int,
+                       help="images to generate, the same number per class (a multiple of --class_num)")
     group.add_argument("--eval_bsz", default=64, type=int, help="generation batch per process")
     group.add_argument("--eval_wo_ema", action="store_true", help="evaluate the raw weights instead of the EMA")
     group.add_argument("--allow_random_weights", action="store_true",
                        help="let --evaluate run without --resume (an untrained model)")
     group.add_argument("--online_eval", action="store_true", help="evaluate every --eval_freq epochs while training")
-    group.add_argument("--eval_freq", default=50, type=int)
+    group.add_argument("--eval_freq", default=50, type=int,
+                       help="epochs between online evaluations and numbered checkpoints checkpoint-<epoch>.pth")
     group.add_argument("--metrics", default=",".join(DEFAULT_METRICS), type=_name_list,
                        help=f"comma-separated, of {', '.join(EVAL_METRICS)}")
     group.add_argument("--fid_stats", default=None,
@@ -205,11 +282,12 @@ def get_args_parser():
     group.add_argument("--preview_steps", default=25, type=int, help="Euler steps per image")
 
     group = parser.add_argument_group("checkpoints and logging")
-    group.add_argument("--output_dir", default="./output_dir")
+    group.add_argument("--output_dir", default="./output_dir",
+                       help="the run's folder: checkpoints, logs, evaluations (one run at a time)")
     group.add_argument("--log_dir", default=None, help="tensorboard folder (default: --output_dir)")
     group.add_argument("--resume", default="", help="checkpoint file or folder (folder: checkpoint-<load_step>.pth)")
     group.add_argument("--load_step", default="last", help="'last' or an epoch number")
-    group.add_argument("--start_epoch", default=0, type=int)
+    group.add_argument("--start_epoch", default=0, type=int, help="the first epoch of a run that starts fresh")
     group.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth writes")
     group.add_argument("--save_every_steps", default=0, type=int,
                        help="also write checkpoint-last.pth every N optimizer steps inside an epoch (0: off)")
@@ -223,7 +301,8 @@ def get_args_parser():
 
 
 def resolve_device(args):
-    """The settings step's device decision (shared with main_cache.py)."""
+    """The settings step's part shared with main_cache.py: the numbers' ranges and the device decision."""
+    check_numbers(args)
     try:
         args.device = dist.resolve_device_type(args.device)
         check_tokenizer_settings(args.tokenizer, args.vae_embed_dim, args.vae_stride)
@@ -260,17 +339,14 @@ def resolve_args(args):
     if args.evaluate and args.num_images % args.class_num:
         raise SettingsError(f"--num_images {args.num_images} must be a multiple of --class_num {args.class_num} "
                             "(the same number of images per class)")
-    if args.preview_freq < 0 or min(args.preview_classes, args.preview_per_class, args.preview_steps) < 1:
-        raise SettingsError("--preview_freq must be >= 0; --preview_classes, --preview_per_class and "
-                            "--preview_steps >= 1")
-    if args.save_every_steps < 0 or args.save_every_minutes < 0 or args.save_last_freq < 1:
-        raise SettingsError("--save_every_steps and --save_every_minutes must be >= 0, --save_last_freq >= 1")
     if args.grad_checkpointing is not True and args.grad_checkpointing < 0:
         raise SettingsError("--grad_checkpointing N takes N >= 0 blocks (the flag alone: every block)")
-    if args.gradient_accumulation_steps < 1 or args.batch_size < 1 or args.eval_bsz < 1:
-        raise SettingsError("--batch_size, --eval_bsz and --gradient_accumulation_steps must be >= 1")
     if isinstance(args.cfg, list) and not args.mrar:
         raise SettingsError("a per-stage --cfg list needs --mrar")
+    for data, flag in ((os.path.join(args.data_path, "train"), "--data_path"), (args.cached_path, "--cached_path")):
+        if data and _inside(args.output_dir, data):
+            raise SettingsError(f"--output_dir {args.output_dir} is inside the training data {data} ({flag}): its "
+                                "images and files would be read as training examples; choose a folder outside it")
     args.precision = resolve_precision("bf16" if args.bf16 else args.precision, args.device)
     args.log_dir = args.log_dir or args.output_dir
     world_size = dist.launch_world_size(args.dist_on_itp)

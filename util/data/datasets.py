@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets import DatasetFolder, ImageFolder
-from torchvision.datasets.folder import default_loader
 
+from util.data.rgb import as_rgb
 from util.errors import RunError
 from util.io import atomic_write
 
@@ -47,6 +47,38 @@ def find_class_folders(root: str) -> tuple[list[str], dict[str, int]]:
     return classes, {name: index for index, name in enumerate(classes)}
 
 
+def class_samples(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...]) -> list[tuple[str, int]]:
+    """``(path, class index)`` of every file with one of ``extensions`` under each class folder, in torchvision's
+    order (classes, folders and files sorted). A class folder may itself be a link; inside it, a link to a folder is
+    followed only into the class folder's own tree and only once: a link out of it, or in a loop, is skipped with a
+    warning (followed, it would give files twice or under another class)."""
+    samples, skipped = [], []
+    for name in sorted(class_to_idx):
+        top = os.path.join(directory, name)
+        if not os.path.isdir(top):
+            continue
+        inside = os.path.realpath(top)
+        seen, walked = {inside}, []
+        for folder, subfolders, files in os.walk(top, followlinks=True):
+            kept = []
+            for sub in subfolders:
+                real = os.path.realpath(os.path.join(folder, sub))
+                if real in seen or os.path.commonpath([inside, real]) != inside:
+                    skipped.append(os.path.join(folder, sub))
+                    continue
+                seen.add(real)
+                kept.append(sub)
+            subfolders[:] = kept  # os.walk descends into these only
+            walked.append((folder, files))
+        for folder, files in sorted(walked):
+            samples += [(os.path.join(folder, file), class_to_idx[name]) for file in sorted(files)
+                        if file.lower().endswith(extensions)]
+    if skipped:
+        warnings.warn(f"{len(skipped)} linked folder(s) not followed (a loop, or outside their class folder): "
+                      f"{', '.join(skipped[:5])}{' ...' if len(skipped) > 5 else ''}", stacklevel=3)
+    return samples
+
+
 def _check_samples(dataset: DatasetFolder, root: str, kind: str) -> None:
     """Raise if there are no samples at all; warn about classes without any."""
     if not dataset.samples:
@@ -60,9 +92,10 @@ def _check_samples(dataset: DatasetFolder, root: str, kind: str) -> None:
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Open an image as RGB; an unreadable file raises UnreadableImage naming it."""
+    """Open an image as 8-bit RGB, its range kept (`as_rgb`); an unreadable file raises UnreadableImage naming it."""
     try:
-        return default_loader(path)
+        with Image.open(path) as image:
+            return as_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise UnreadableImage(f"cannot read image {path}: {error} (--skip_corrupt skips unreadable images with a "
                               "warning)") from error
@@ -84,6 +117,10 @@ class ImageFolderWithChecks(ImageFolder):
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         return find_class_folders(directory)
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return class_samples(directory, class_to_idx, extensions)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for offset in range(len(self.samples)):
@@ -139,6 +176,23 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
                               "objects (never loaded); delete it and rerun main_cache.py") from error
 
 
+def recorded_classes(path: str) -> list[str]:
+    """The class list `main_cache.py` recorded: folder names, each one path component inside the cache (a name
+    such as ``../other`` would read another folder). A malformed file raises ValueError naming it."""
+    try:
+        with open(path) as handle:
+            classes = json.load(handle)
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); rerun main_cache.py to write it again") from None
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        raise ValueError(f"{path} must hold a JSON list of class folder names")
+    outside = [name for name in classes if name in ("", ".", "..") or os.path.basename(name) != name
+               or (os.altsep and os.altsep in name)]
+    if outside:
+        raise ValueError(f"{path} names folders that are not class folders of the cache: {outside[:5]}")
+    return classes
+
+
 class CachedLatentFolder(DatasetFolder):
     """Cached VAE moments written by ``main_cache.py``: ``(moments [2C, h, w], label)``.
 
@@ -154,13 +208,16 @@ class CachedLatentFolder(DatasetFolder):
     def __init__(self, root: str, classes: Sequence[str] | None = None,
                  generator: torch.Generator | None = None, hflip: bool = True):
         if classes is None and os.path.isfile(os.path.join(root, CACHE_CLASSES)):
-            with open(os.path.join(root, CACHE_CLASSES)) as handle:
-                classes = json.load(handle)
+            classes = recorded_classes(os.path.join(root, CACHE_CLASSES))
         self._fixed_classes = list(classes) if classes is not None else None
         self.generator = generator
         self.hflip = hflip
         super().__init__(root, loader=_load_npz, extensions=(".npz",), allow_empty=True)
         _check_samples(self, root, ".npz")
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return class_samples(directory, class_to_idx, extensions)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         if self._fixed_classes is None:

@@ -56,6 +56,7 @@ from torchvision.models import VGG16_Weights
 from torchvision.transforms import Compose
 from tqdm import tqdm
 
+from util.checkpoint import check_finite
 from util.data.crops import CenterCropArr
 from util.io import atomic_write
 
@@ -317,6 +318,7 @@ def _load_extractor(name: str, features: Sequence[str], path: str, device: Devic
     """
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        check_finite(state_dict, str(path))
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
         buffer.seek(0)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from util.data.rgb import as_rgb
 from util.eval.layout import image_class
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -31,6 +32,17 @@ def image_grid(images: torch.Tensor, per_row: int, scale: int = 2) -> Image.Imag
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
+def constant_images(pixels: np.ndarray) -> int:
+    """How many of the uint8 images [B, H, W, 3] are one colour all over (what NaN latents decode to)."""
+    return int((pixels == pixels[:, :1, :1]).all(axis=(1, 2, 3)).sum())  # each pixel against the first
+
+
+def is_constant_png(path: str | os.PathLike) -> bool:
+    """Whether the image file `path` is one colour all over."""
+    with Image.open(path) as image:
+        return all(low == high for low, high in image.convert("RGB").getextrema())
+
+
 def list_pngs(image_dir: str | os.PathLike) -> list[Path]:
     """The ``*.png`` files directly inside ``image_dir`` (case-insensitive suffix), sorted by name."""
     image_dir = Path(image_dir)
@@ -43,7 +55,7 @@ def read_rgb(path: str | os.PathLike, size: tuple[int, int] | None = None) -> np
     """One image as uint8 ``[H, W, 3]``; ``size`` = (H, W) it must have. Errors name the file."""
     try:
         with Image.open(path) as image:
-            pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
+            pixels = np.asarray(as_rgb(image), dtype=np.uint8)  # [H, W, 3]
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
     if size is not None and pixels.shape[:2] != tuple(size):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from models.noise import PhiloxNoise
 from models.samplers import DEFAULT_SAMPLER
-from util.io import write_json
+from util.io import read_json, write_json
 
 MANIFEST = "manifest.json"
 NOISE = "philox(key=(seed mod 2**64) << 64 | index), numpy standard_normal float32"  # recorded with every evaluation
@@ -135,8 +135,11 @@ def claim_folder(folder: str, identity: dict, record: dict) -> None:
     """
     path = os.path.join(folder, MANIFEST)
     if os.path.isfile(path):
-        with open(path) as handle:
-            existing = json.load(handle).get("identity", {})
+        manifest = read_json(path)
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not a manifest; move {folder} away or "
+                             "choose another --output_dir")
+        existing = manifest.get("identity", {})
         if existing != json.loads(json.dumps(identity, default=str)):
             differing = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
             raise ValueError(f"{folder} holds images of another evaluation (differing: {', '.join(differing)}); "

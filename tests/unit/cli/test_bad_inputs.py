@@ -2,6 +2,7 @@
 exit (no traceback), and changes no file it was given."""
 import hashlib
 import json
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+import engine_transdiff as engine
 import main
 from tests.support.runs import write_image_folder
-from util.checkpoint import save_checkpoint
+from util.checkpoint import load_checkpoint, save_checkpoint
+from util.optim import EMA
 from util.settings import get_args_parser
 
 TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
@@ -28,12 +31,20 @@ class Evil:
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     write_image_folder(root / "data")
+    write_image_folder(root / "corrupt_data")
+    first_class = sorted((root / "corrupt_data" / "train").iterdir())[0]
+    (first_class / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     torch.manual_seed(0)
     model = main.build_model(get_args_parser().parse_args(TINY))
     good = root / "good.pth"
     save_checkpoint(str(good), {"model": model.state_dict(), "model_ema": model.state_dict(), "epoch": 2,
                                 "args": {"model": "transdiff_tiny"}})
+    diverged = {**model.state_dict(), "fake_latent": torch.full_like(model.fake_latent, float("nan"))}
+    save_checkpoint(str(root / "nan_ema.pth"), {"model": model.state_dict(), "model_ema": diverged, "epoch": 2})
     (root / "truncated.pth").write_bytes(good.read_bytes()[:100_000])
+    flipped = bytearray(good.read_bytes())
+    flipped[len(flipped) // 2] ^= 0x04
+    (root / "flipped.pth").write_bytes(bytes(flipped))
     (root / "random.pth").write_bytes(np.random.RandomState(0).bytes(200_000))
     torch.save([1, 2], root / "list.pth")
     torch.save({"foo.weight": torch.zeros(2)}, root / "foreign.pth")
@@ -60,6 +71,9 @@ CASES = {
     "other_class_num": (["--resume", "{root}/good.pth", "--class_num", "6", *EVAL[:1], "--num_images", "6",
                          *EVAL[3:]], "pass --class_num 3"),
     "other_width": (["--resume", "{root}/good.pth", "--model", "transdiff_base", *EVAL], "pass --model transdiff_tiny"),
+    "non_finite_ema_weights": (["--resume", "{root}/nan_ema.pth", *EVAL],
+                               "nan_ema.pth (model_ema): tensor fake_latent holds non-finite values"),
+    "byte_flipped_in_the_middle": (["--resume", "{root}/flipped.pth", *EVAL], "flipped.pth is corrupt: its record "),
     "mistyped_resume": (["--resume", "{root}/chekpoint-last.pth", "--epochs", "1"], "no such file or folder"),
     "evaluate_without_weights": (EVAL, "--evaluate needs weights"),
     "corrupt_fid_stats": (["--resume", "{root}/good.pth", *EVAL, "--fid_stats", "{root}/corrupt.npz",
@@ -70,6 +84,8 @@ CASES = {
                                "a group holds images of its own class"),
     "output_dir_is_a_file": (["--output_dir", "{root}/a_file", "--epochs", "1"], "a_file"),
     "sampler_unknown": (["--sampler", "ddim", "--epochs", "1"], None),
+    "corrupt_image_in_a_loader_worker": (["--data_path", "{root}/corrupt_data", "--num_workers", "2", "--epochs",
+                                          "1"], "with a warning) (in DataLoader worker process "),
 }
 
 
@@ -86,8 +102,11 @@ def test_bad_input_is_one_clear_line(name, files, tmp_path, capsys, monkeypatch)
     assert exited.value.code not in (0, None)
     if message is not None:
         assert message in err and err.startswith("main.py: error: "), err
+        one_line = "checkpoint does not fit the model:" not in err  # that explanation lists what differs, line by line
+        assert "Traceback" not in err and (err.count("\n") == 1 or not one_line), err
     assert inputs_digest(files) == before
     assert not (tmp_path / "PWNED").exists()
+    assert not multiprocessing.active_children()  # no loader worker outlives the failed run
 
 
 def test_inception_weights_are_checked_before_generation(files, tmp_path, capsys):
@@ -135,3 +154,63 @@ def test_full_disk_is_named_in_plain_words(tmp_path, monkeypatch):
         atomic_write(str(tmp_path / "checkpoint-last.pth"), full)
     assert describe(raised.value).startswith("no space left on device: ")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_diverged_step_is_never_saved_and_a_rerun_resumes_from_the_last_good_checkpoint(files, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """The loss stays finite while the EMA turns NaN just before the end-of-epoch save: the save is refused, the
+    previous checkpoint stays byte for byte, and a rerun continues from it."""
+    out = tmp_path / "out"
+    train = [*TINY, "--data_path", str(files / "data"), "--output_dir", str(out), "--save_last_freq", "1"]
+    main.cli([*train, "--epochs", "1"])
+    good = (out / "checkpoint-last.pth").read_bytes()
+    real_update = EMA.update
+
+    def diverging_update(self, model, decay):
+        real_update(self, model, decay)
+        self.module.fake_latent.data.fill_(float("nan"))
+
+    monkeypatch.setattr(EMA, "update", diverging_update)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main.cli([*train, "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("main.py: error: the EMA weights hold non-finite values (fake_latent) after the last "
+                          "optimizer step; stopping without saving them. A rerun resumes from the last checkpoint")
+    assert (out / "checkpoint-last.pth").read_bytes() == good
+    monkeypatch.setattr(EMA, "update", real_update)
+    main.cli([*train, "--epochs", "2"])
+    assert f"resumed {out / 'checkpoint-last.pth'} (epoch 0): continuing at epoch 1" in capsys.readouterr().out
+    assert load_checkpoint(str(out / "checkpoint-last.pth"))["epoch"] == 1
+
+
+def test_an_evaluation_of_one_colour_images_says_so_in_the_record_and_the_log(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(engine, "decode_images", lambda tokenizer, latents, precision, device:
+                        -torch.ones(len(latents), 3, 16, 16))  # black, as NaN latents decode
+    out = tmp_path / "out"
+    command = [*TINY, "--data_path", str(files / "data"), "--output_dir", str(out), "--resume",
+               str(files / "good.pth"), *EVAL]
+    main.cli(command)
+    assert "3 of 3 images in " in capsys.readouterr().out
+    main.cli(command)  # every image found complete: counted from the files
+    records = json.loads((out / "metrics.json").read_text())
+    assert [record["constant_images"] for record in records] == [3, 3]
+    monkeypatch.undo()
+    main.cli([*command, "--seed", "5"])
+    assert json.loads((out / "metrics.json").read_text())[-1]["constant_images"] == 0
+
+
+def test_a_run_that_fails_before_its_first_save_leaves_args_json_as_it_was(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    train = [*TINY, "--data_path", str(files / "data"), "--output_dir", str(out)]
+    main.cli([*train, "--epochs", "1"])
+    before = (out / "args.json").read_bytes()
+    monkeypatch.setattr(engine, "check_before_save", lambda *parts: (_ for _ in ()).throw(
+        engine.NonFiniteLoss("loss is nan")))
+    with pytest.raises(SystemExit):
+        main.cli([*train, "--epochs", "2", "--blr", "5e-4"])
+    assert (out / "args.json").read_bytes() == before
+    monkeypatch.undo()
+    main.cli([*train, "--epochs", "2", "--blr", "5e-4"])
+    assert json.loads((out / "args.json").read_text())["blr"] == 5e-4

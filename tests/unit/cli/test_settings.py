@@ -1,4 +1,5 @@
 """util.settings: flags, presets and validation, checked in-process (main.cli and resolve_args)."""
+import re
 import shlex
 import socket
 
@@ -8,7 +9,7 @@ import torch
 import main
 import main_cache
 from util import distributed as dist
-from util.settings import SettingsError, get_args_parser, resolve_args
+from util.settings import HelpFormatter, SettingsError, _cfg_list, get_args_parser, resolve_args
 
 TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
         "--buffer_size 4 --device cpu --num_workers 0 --batch_size 4").split()
@@ -178,3 +179,100 @@ def test_seed_readme_commands_parse(name):
     with torch.device("meta"):  # full-size weights are never allocated
         model = main.build_model(args)
     assert model.mrar == args.mrar and model.img_size == args.img_size
+
+
+def float_flags(parser):
+    """Every flag that takes a float, or a list of floats."""
+    return sorted(action.dest for action in parser._actions if action.type in (float, _cfg_list))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_every_float_setting_must_be_finite(value):
+    flags = float_flags(get_args_parser())
+    assert {"cfg", "ema_rate", "grad_clip", "lr", "blr", "scale_0", "save_every_minutes", "temperature"} <= set(flags)
+    for name in flags:
+        with pytest.raises(SettingsError, match=f"^--{name} {value}: must be a finite number$"):
+            resolved([*TINY, f"--{name}={value}"])
+    with pytest.raises(SettingsError, match=f"^--cfg 1.0,{value},1.0,1.0: must be a finite number$"):
+        resolved([*TINY, "--mrar", "--patch_size", "2", f"--cfg=1,{value},1,1"])
+    for name in float_flags(main_cache.get_args_parser()):
+        with pytest.raises(SettingsError, match=f"^--{name} {value}: must be a finite number$"):
+            main_cache.resolve_settings(main_cache.get_args_parser().parse_args(
+                ["--cached_path", "c", f"--{name}={value}"]))
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--start_epoch", "-3", "--start_epoch -3: must be >= 0"),
+    ("--eval_freq", "0", "--eval_freq 0: must be >= 1"),
+    ("--class_num", "0", "--class_num 0: must be >= 1"),
+    ("--num_images", "0", "--num_images 0: must be >= 1"),
+    ("--label_drop_prob", "1.5", r"--label_drop_prob 1.5: must be in \[0.0, 1.0\]"),
+    ("--ema_rate", "-0.1", r"--ema_rate -0.1: must be in \[0.0, 1.0\]"),
+    ("--attn_dropout", "1.01", r"--attn_dropout 1.01: must be in \[0.0, 1.0\]"),
+    ("--seed", "-1", r"--seed -1: must be in \[0, 2147483647\]"),
+    ("--grad_clip", "-1", "--grad_clip -1.0: must be >= 0.0"),
+    ("--save_every_minutes", "-0.5", "--save_every_minutes -0.5: must be >= 0.0"),
+    ("--save_last_freq", "0", "--save_last_freq 0: must be >= 1"),
+    ("--preview_freq", "-1", "--preview_freq -1: must be >= 0"),
+    ("--preview_steps", "0", "--preview_steps 0: must be >= 1"),
+    ("--batch_size", "0", "--batch_size 0: must be >= 1"),
+    ("--eval_bsz", "0", "--eval_bsz 0: must be >= 1"),
+    ("--gradient_accumulation_steps", "0", "--gradient_accumulation_steps 0: must be >= 1"),
+    ("--num_workers", "-2", "--num_workers -2: must be >= 0"),
+    ("--num_sampling_steps", "0", "--num_sampling_steps 0: must be >= 1"),
+    ("--scale_1", "-1", "--scale_1 -1.0: must be >= 0.0"),
+    ("--lr", "0", "--lr 0.0: must be > 0"),
+    ("--blr", "-1e-4", "--blr -0.0001: must be > 0"),
+    ("--dist_timeout", "0", "--dist_timeout 0.0: must be > 0"),
+    ("--peak_tflops", "-5", "--peak_tflops -5.0: must be > 0"),
+])
+def test_numbers_out_of_range_are_refused_in_one_line_and_nothing_is_written(tmp_path, capsys, flag, value,
+                                                                             message):
+    code, err = cli_error([*TINY, "--output_dir", tmp_path / "out", "--data_path", tmp_path, f"{flag}={value}"],
+                          capsys)
+    assert code == 2 and re.fullmatch(f"main.py: error: {message}\n", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_edges_of_each_range_are_accepted():
+    args = resolved([*TINY, "--start_epoch", "0", "--ema_rate", "1", "--label_drop_prob", "0", "--grad_clip", "0",
+                     "--seed", str(2**31 - 1), "--save_every_minutes", "0", "--num_workers", "0", "--epochs", "0"])
+    assert (args.start_epoch, args.ema_rate, args.seed) == (0, 1.0, 2**31 - 1)
+
+
+def test_a_slurm_task_count_without_srun_stops_at_once(tmp_path, capsys, monkeypatch):
+    for name, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_STEP_NUM_TASKS", raising=False)
+    code, err = cli_error([*TINY, "--output_dir", tmp_path / "out", "--data_path", tmp_path], capsys)
+    assert code == 2 and err.startswith("main.py: error: SLURM_NTASKS=2 but this process was not started by srun")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside", ["data/train", "data/train/ants/evaluations", "cache/run"])
+def test_an_output_folder_inside_the_training_data_is_refused(tmp_path, capsys, inside):
+    (tmp_path / "data" / "train" / "ants").mkdir(parents=True)
+    (tmp_path / "cache").mkdir()
+    out = tmp_path / inside
+    code, err = cli_error([*TINY, "--data_path", tmp_path / "data", "--cached_path", tmp_path / "cache",
+                           "--output_dir", out, "--evaluate", "--num_images", "3"], capsys)
+    assert code == 2 and err.startswith(f"main.py: error: --output_dir {out} is inside the training data ")
+    assert err.count("\n") == 1
+
+
+def test_an_output_folder_beside_the_training_data_is_fine(tmp_path):
+    args = resolved([*TINY, "--data_path", str(tmp_path / "data"), "--output_dir", str(tmp_path / "data" / "runs")])
+    assert args.output_dir == str(tmp_path / "data" / "runs")  # only <data_path>/train is read
+
+
+@pytest.mark.parametrize("parser", [get_args_parser(), main_cache.get_args_parser()], ids=["main", "main_cache"])
+def test_help_gives_every_flag_a_line_and_its_default(parser):
+    flags = [action for action in parser._actions if action.option_strings and action.dest != "help"]
+    assert [action.dest for action in flags if not action.help] == []
+    formatter = HelpFormatter(parser.prog)
+    assert [action.dest for action in flags if "default" not in formatter._get_help_string(action)] == []
+    text = parser.format_help()
+    assert "default: transdiff_large" in text or parser.prog.startswith("Cache")
+    assert "default: 50000" in text or parser.prog.startswith("Cache")
+    assert "(default: 10)" in text and "(default: ckpt/vae/kl16.ckpt)" in text

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 from util.data.crops import (
@@ -19,9 +20,11 @@ from util.data.datasets import (
     MRARDataset,
     cached_latent_path,
     find_class_folders,
+    load_rgb,
     write_cached_latent,
 )
 from util.data.order import SeededSamples
+from util.data.rgb import as_rgb
 
 
 def _png(path, size=(6, 4), color=(255, 0, 0)):
@@ -131,6 +134,60 @@ def test_corrupt_image_raises_naming_file_or_is_skipped(image_root):
     assert image.size == (6, 4) and label == 0
 
 
+def test_linked_folders_are_followed_inside_their_class_only_and_once(image_root, tmp_path):
+    outside = tmp_path / "elsewhere"
+    _png(outside / "far.png")
+    _png(image_root / "a_cls" / "nested" / "deep.png")
+    os.symlink(image_root, image_root / "a_cls" / "loop_to_root")  # a loop: the root holds a_cls
+    os.symlink(image_root / "a_cls", image_root / "a_cls" / "nested" / "loop_to_class")
+    os.symlink(image_root / "a_cls" / "nested", image_root / "a_cls" / "nested_again")  # the same folder twice
+    os.symlink(outside, image_root / "b_cls" / "outside")
+    os.symlink(image_root / "b_cls", tmp_path / "linked_class")
+    (image_root / "c_linked").symlink_to(tmp_path / "linked_class")  # a class folder may itself be a link
+    with pytest.warns(UserWarning, match="^5 linked folder"):  # c_linked is b_cls: its link out too
+        dataset = ImageFolderWithChecks(str(image_root))
+    relative = [(os.path.relpath(path, image_root), label) for path, label in dataset.samples]
+    assert relative == ([(f"a_cls/img{i}.png", 0) for i in range(5)] + [("a_cls/nested/deep.png", 0)]
+                        + [(f"b_cls/img{i}.png", 1) for i in range(5)]
+                        + [(f"c_linked/img{i}.png", 2) for i in range(5)])
+
+
+def test_a_plain_tree_is_listed_as_torchvision_lists_it(image_root):
+    _png(image_root / "a_cls" / "sub" / "z.png")
+    _png(image_root / "a_cls" / "sub" / "a.PNG")
+    (image_root / "a_cls" / "notes.txt").write_text("x")
+    ours = ImageFolderWithChecks(str(image_root)).samples
+    (image_root / ".ipynb_checkpoints").rmdir()  # torchvision would list it as a class
+    assert ours == torchvision.datasets.ImageFolder(str(image_root)).samples and len(ours) == 12
+
+
+@pytest.mark.parametrize("mode, values, expected", [
+    ("I;16", [[0, 65535], [32768, 257]], [[0, 255], [128, 1]]),
+    ("I", [[0, 65535], [32768, 257]], [[0, 255], [128, 1]]),
+])
+def test_sixteen_bit_grey_keeps_its_range(tmp_path, mode, values, expected):
+    image = Image.fromarray(np.array(values, dtype=np.uint16 if mode == "I;16" else np.int32))
+    assert image.mode == mode
+    pixels = np.asarray(as_rgb(image))
+    assert pixels.dtype == np.uint8 and pixels.shape == (2, 2, 3)
+    assert (pixels == np.array(expected)[..., None]).all()
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 6), 32768, dtype=np.uint16)).save(path)
+    assert np.asarray(load_rgb(str(path))).mean() == 128  # PIL's own convert("RGB") gives 255
+
+
+def test_pixels_without_a_known_range_are_refused_naming_the_file(tmp_path):
+    with pytest.raises(ValueError, match="mode F"):
+        as_rgb(Image.fromarray(np.zeros((2, 2), dtype=np.float32)))
+    with pytest.raises(ValueError, match="outside 0..65535"):
+        as_rgb(Image.fromarray(np.array([[70000]], dtype=np.int32)))
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.zeros((2, 2), dtype=np.float32)).save(path)
+    with pytest.raises(RuntimeError, match=f"cannot read image {path}: 32-bit float pixels"):
+        load_rgb(str(path))
+    assert as_rgb(Image.new("RGBA", (2, 2), (10, 20, 30, 0))).getpixel((0, 0)) == (10, 20, 30)
+
+
 # --- cached latents --------------------------------------------------------------------------------
 
 def test_cached_latent_path_mirrors_the_image_folder(tmp_path):
@@ -171,6 +228,21 @@ def test_cached_latent_folder_fixed_classes_and_bad_file(tmp_path):
     np.savez(cache / "b" / "y.png.npz", other=np.zeros(1))
     with pytest.raises(RuntimeError, match="y.png.npz lacks"):
         CachedLatentFolder(str(cache))[1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('["a", "../other_cache/2"]', r"names folders that are not class folders of the cache: \['../other_cache/2'\]"),
+    ('["a", ".."]', r"\['..'\]"),
+    ('["a", "/abs"]', r"\['/abs'\]"),
+    ('["a", "b', "is not valid JSON"),
+    ('{"a": 0}', "must hold a JSON list of class folder names"),
+])
+def test_the_recorded_class_list_stays_inside_the_cache_and_is_named_when_malformed(tmp_path, text, message):
+    cache = tmp_path / "cache"
+    write_cached_latent(str(cache / "a" / "x.png.npz"), np.zeros((2, 1, 1)), np.zeros((2, 1, 1)))
+    (cache / "classes.json").write_text(text)
+    with pytest.raises(ValueError, match=f"^{cache / 'classes.json'} .*{message}"):
+        CachedLatentFolder(str(cache))
 
 
 # --- MRAR ------------------------------------------------------------------------------------------

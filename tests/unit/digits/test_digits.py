@@ -243,3 +243,13 @@ def test_cli_scores_a_sample_folder(digits_root, classifier_report, val_set, tmp
     assert json.loads(out.read_text()) == metrics
     assert metrics["num_samples"] == 300 and metrics["class_consistency"] >= 0.95
     assert 0.8 < metrics["spread_ratio"] < 1.2
+
+
+def test_a_judge_with_non_finite_weights_is_refused_naming_it(classifier_report, tmp_path):
+    checkpoint = torch.load(classifier_report["path"], weights_only=True)
+    name = next(iter(checkpoint["state_dict"]))
+    checkpoint["state_dict"][name] = torch.full_like(checkpoint["state_dict"][name], float("nan"))
+    path = tmp_path / "judge.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match=f"^digits judge {path}: tensor {name} holds non-finite values"):
+        load_digits_classifier(path)

@@ -246,6 +246,12 @@ def test_prc_check_refuses_missing_or_foreign_weights(images, tiny_vgg_weights, 
     assert info.value.path == str(absent) and "--prc_weights" in str(info.value)
     with pytest.raises(ValueError, match="is not a weights file of torch-fidelity's vgg16 network"):
         PrecisionRecall(str(images["npz"]), str(inception_weights), IMAGE_SIZE).check()
+    weights = torch.load(tiny_vgg_weights, weights_only=True)
+    name = next(iter(weights))
+    weights[name] = torch.full_like(weights[name], float("inf"))
+    torch.save(weights, tmp_path / "inf.pth")
+    with pytest.raises(ValueError, match=f"inf.pth: tensor {name} holds non-finite values"):
+        PrecisionRecall(str(images["npz"]), str(tmp_path / "inf.pth"), IMAGE_SIZE).check()
 
 
 def test_precision_recall_blocks_match_the_full_matrices():

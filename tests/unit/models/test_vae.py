@@ -106,6 +106,26 @@ def test_non_checkpoint_file_is_rejected(tmp_path):
         load_kl16(path)
 
 
+class Evil:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+def test_a_pickled_object_is_refused_without_torchs_advice(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": Evil()}, path)
+    with pytest.raises(ValueError, match="evil.ckpt' is not a readable torch checkpoint: .*never unpickled$") as info:
+        load_kl16(path)
+    assert "weights_only" not in str(info.value)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, ch32_state_dict):
+    path = tmp_path / "nan.ckpt"
+    torch.save({"model": {**ch32_state_dict, "decoder.conv_out.bias": torch.full((3,), float("nan"))}}, path)
+    with pytest.raises(ValueError, match="nan.ckpt': tensor decoder.conv_out.bias holds non-finite values"):
+        AutoencoderKL.from_checkpoint(path, ch=SMALL_CH)
+
+
 def test_non_state_dict_checkpoint_is_rejected(tmp_path):
     path = tmp_path / "list.pt"
     torch.save({"model": [1, 2, 3]}, path)

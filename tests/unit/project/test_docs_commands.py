@@ -35,7 +35,8 @@ PARSERS = {  # script -> its argument parser
     "benchmarks/digits_sweep.py": digits_sweep.get_args_parser,
     "benchmarks/production.py": production.get_args_parser,
 }
-SHELL_SCRIPTS = ("scripts/quickstart.sh", "scripts/test.sh", "scripts/gpu_check.sh", "benchmarks/gpu.sh")
+SHELL_SCRIPTS = ("scripts/quickstart.sh", "scripts/test.sh", "scripts/gpu_check.sh", "scripts/mutation.sh",
+                 "benchmarks/gpu.sh")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
 
 

@@ -55,7 +55,7 @@ def test_no_c_sources_anywhere():
 
 def test_run_settings_stop_at_the_orchestrators():
     """No function under util/, digits/ or models/ takes the whole namespace, but the settings step's own."""
-    allowed = {("util/settings.py", "resolve_args"), ("util/settings.py", "resolve_device")}
+    allowed = {("util/settings.py", name) for name in ("resolve_args", "resolve_device", "check_numbers")}
     for room in ("util", "digits", "models"):
         for path in (REPO_ROOT / room).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
@@ -105,3 +105,24 @@ def test_the_readme_is_a_first_screen():
     assert len(readme.encode()) <= 12_000
     for page in re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme):
         assert (REPO_ROOT / page).is_file(), page
+
+
+def entry_points() -> dict:
+    """Every project module run as a script: dotted name -> the body of its `if __name__ == "__main__":`."""
+    found = {}
+    for name, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+                    and getattr(node.test.left, "id", None) == "__name__"):
+                found[name] = node.body
+    return found
+
+
+def test_every_script_reports_an_expected_failure_in_one_line():
+    """Each entry point runs through `util.errors.run_cli`: one line and an exit code, never a traceback."""
+    scripts = entry_points()
+    assert {"main", "main_cache", "quickstart", "tools.make_fid_stats", "tools.download"} <= set(scripts)
+    for name, body in scripts.items():
+        calls = {getattr(node.func, "id", None) for statement in body for node in ast.walk(statement)
+                 if isinstance(node, ast.Call)}
+        assert "run_cli" in calls or "cli" in calls, name

@@ -2,6 +2,7 @@
 import argparse
 import logging
 import os
+import zipfile
 
 import pytest
 import torch
@@ -29,10 +30,12 @@ def test_save_and_load_round_trip_stores_args_as_dict(tmp_path):
     ck.save_checkpoint(str(path), {"model": {"w": torch.arange(3.0)}, "epoch": 7,
                                    "args": argparse.Namespace(lr=1e-4, model="transdiff_base")})
     loaded = ck.load_checkpoint(str(path))
-    assert loaded["epoch"] == 7
+    assert sorted(loaded) == ["args", "epoch", "model"] and loaded["epoch"] == 7
     assert torch.equal(loaded["model"]["w"], torch.arange(3.0))
     assert loaded["args"] == {"lr": 1e-4, "model": "transdiff_base"}
     assert _listing(path.parent) == ["checkpoint-last.pth"]
+    stored = torch.load(path, weights_only=True)  # no Namespace allowed here: the file holds a plain dict
+    assert stored["args"] == {"lr": 1e-4, "model": "transdiff_base"}
 
 
 def test_failed_save_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -74,13 +77,13 @@ def test_atomic_write_gives_normal_permissions_and_cleans_up_on_error(tmp_path):
 
 def test_a_training_start_removes_the_temporary_files_of_its_own_killed_writes_only(tmp_path):
     """A SIGKILL inside any atomic write of a training run (a checkpoint, args.json, a log.jsonl rewrite) leaves a
-    temporary file; the next start removes those. An evaluation's (metrics.json) may be a live writer's: kept."""
+    temporary file; the next start removes those, and only those (metrics.json's is an evaluation's)."""
     left = [".checkpoint-last.pth.a1.tmp", ".args.json.b2.tmp", ".log.jsonl.c3.tmp", ".metrics.json.d4.tmp"]
     for name in left:
         (tmp_path / name).write_bytes(b"partial")
     logger = logging.getLogger("test_training_start")
     main.start_training_run(argparse.Namespace(output_dir=str(tmp_path)), logger, start_epoch=0)
-    assert _listing(tmp_path) == [".metrics.json.d4.tmp", "args.json"]
+    assert _listing(tmp_path) == [".metrics.json.d4.tmp"]
 
 
 def test_load_original_format_with_namespace_args(tmp_path):
@@ -103,15 +106,30 @@ def test_load_refuses_disallowed_globals_with_clear_error(tmp_path):
     assert str(path) in message
     assert "refuse to unpickle arbitrary objects" in message
     assert "_Opaque" in message
-    assert "weights_only=False" in message
+    assert "weights_only=False" not in message
 
 
-@pytest.mark.parametrize("content", [b"", b"hello, not a checkpoint"])
-def test_load_rejects_non_checkpoint_files(tmp_path, content):
+@pytest.mark.parametrize("content, error", [(b"", "EOFError()"), (b"hello, not a checkpoint", "KeyError(101)")])
+def test_load_rejects_non_checkpoint_files(tmp_path, content, error):
     path = tmp_path / "junk.pth"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match="junk.pth is not a PyTorch checkpoint"):
+    with pytest.raises(ValueError) as info:
         ck.load_checkpoint(str(path))
+    assert str(info.value) == f"{path} is not a PyTorch checkpoint (or is truncated): {error}"
+
+
+def test_a_zip_whose_records_cannot_be_read_is_refused_naming_it(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-last.pth"
+    ck.save_checkpoint(str(path), {"model": {"w": torch.ones(2)}})
+
+    def unreadable(archive):
+        raise zipfile.BadZipFile("Bad magic number for file header")
+
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", unreadable)
+    with pytest.raises(ValueError) as info:
+        ck.load_checkpoint(str(path))
+    assert str(info.value) == (f"{path} is not a PyTorch checkpoint (or is truncated): "
+                               "BadZipFile('Bad magic number for file header')")
 
 
 def test_load_rejects_non_dict_and_missing_file(tmp_path):
@@ -154,6 +172,11 @@ def test_select_weights():
     assert list(stripped) == ["a.b"]
     with pytest.raises(ValueError, match="no weights"):
         ck.select_weights({"epoch": 3, "args": {}})
+    many = {f"k{i:02d}": i for i in range(12)}
+    with pytest.raises(ValueError) as info:
+        ck.select_weights(many)
+    assert str(info.value) == ("no weights in checkpoint: expected 'model', 'model_ema' or a bare state dict, found "
+                               f"keys {[f'k{i:02d}' for i in range(10)]}")
 
 
 def _toy_sd(width=8, mask_slots=1, z_in=16, dec_len=16):
@@ -192,7 +215,9 @@ def test_adapt_keeps_fresh_z_proj_when_input_width_changes():
     assert torch.equal(adapted["z_proj.weight"], target["z_proj.weight"])
     assert torch.equal(adapted["z_proj.bias"], target["z_proj.bias"])
     assert not torch.equal(adapted["z_proj.bias"], src["z_proj.bias"])
-    assert sum(line.startswith("z_proj.") for line in report) == 2
+    assert report == ["mask_token: [1, 1, 8] -> [1, 64, 8], token copied to all 64 slots"] + [
+        f"z_proj.{name}: checkpoint {source} vs model {target}, kept the model's fresh initialisation (z_proj is "
+        "untrained in the 1-step model)" for name, source, target in (("weight", [8, 16], [8, 64]), ("bias", [8], [8]))]
     assert torch.equal(adapted["encoder_blocks.0.attn.qkv.weight"], src["encoder_blocks.0.attn.qkv.weight"])
 
 
@@ -259,3 +284,145 @@ def test_released_style_checkpoint_loads_with_weights_only(tmp_path):
     fresh.load_state_dict(weights, strict=True)
     assert source == "model_ema"
     assert torch.equal(fresh.fake_latent, model.fake_latent + 1)
+
+
+# ------------------------------------------------------------------------------ the mismatch explanation, pinned
+def mismatch(src, target, model_for_width=None) -> str:
+    with pytest.raises(ValueError) as info:
+        ck.adapt_state_dict(src, target, model_for_width)
+    return str(info.value)
+
+
+def test_the_explanation_of_another_width_lists_every_tensor():
+    src, target = _toy_sd(width=8), _toy_sd(width=12, mask_slots=64)  # the mask token is not broadcast across widths
+    assert mismatch(src, target, {8: "toy_small"}).split("\n") == [
+        "checkpoint does not fit the model:",
+        "checkpoint width 8 but model width 12: pass --model toy_small",
+        "shape mismatches (8): fake_latent: checkpoint [1, 8] vs model [1, 12]; mask_token: checkpoint [1, 1, 8] vs "
+        "model [1, 64, 12]; encoder_pos_embed_learned: checkpoint [1, 20, 8] vs model [1, 20, 12]; z_proj.weight: "
+        "checkpoint [8, 16] vs model [12, 16]; z_proj.bias: checkpoint [8] vs model [12]; "
+        "encoder_blocks.0.attn.qkv.weight: checkpoint [24, 8] vs model [36, 12]; encoder_norm.weight: checkpoint [8] "
+        "vs model [12]; diffdecoder.net.diffusion_pos_embed_learned: checkpoint [1, 16, 8] vs model [1, 16, 12]"]
+
+
+def test_the_width_is_read_from_the_encoder_norm_without_a_fake_latent():
+    src, target = _toy_sd(width=8), _toy_sd(width=12)
+    del src["fake_latent"], target["fake_latent"]
+    assert mismatch(src, target).split("\n")[1] == ("checkpoint width 8 but model width 12: did you pass the right "
+                                                   "--model?")
+    del src["encoder_norm.weight"]
+    assert "checkpoint width" not in mismatch(src, target)
+
+
+def test_the_width_is_read_from_the_fake_latent_alone():
+    src, target = _toy_sd(width=8), _toy_sd(width=12)
+    del src["encoder_norm.weight"], target["encoder_norm.weight"]
+    assert mismatch(src, target).split("\n")[1] == ("checkpoint width 8 but model width 12: did you pass the right "
+                                                   "--model?")
+
+
+def test_the_explanation_of_other_blocks_and_classes():
+    src, target = _toy_sd(), _toy_sd()
+    src["class_emb.weight"], target["class_emb.weight"] = torch.zeros(3, 8), torch.zeros(5, 8)
+    src["encoder_blocks.1.attn.qkv.weight"] = torch.zeros(24, 8)
+    assert mismatch(src, target).split("\n") == [
+        "checkpoint does not fit the model:",
+        "checkpoint has 2 encoder blocks but the model has 1: did you pass the right --model?",
+        "the checkpoint has 3 classes but the model 5: pass --class_num 3",
+        "shape mismatches (1): class_emb.weight: checkpoint [3, 8] vs model [5, 8]",
+        "unexpected in checkpoint (1): encoder_blocks.1.attn.qkv.weight"]
+    src["encoder_blocks.1.attn.qkv.weight"], target["encoder_blocks.1.attn.qkv.weight"] = (
+        torch.zeros(24, 8), torch.zeros(24, 8))
+    assert "encoder blocks" not in mismatch(src, target)  # the same count of blocks
+    target["class_emb.weight"] = torch.zeros(3, 7)
+    assert "classes" not in mismatch(src, target)  # the same count of classes, another width
+
+
+@pytest.mark.parametrize("src_slots, target_slots, says_mrar", [(2, 1, True), (64, 1, True), (1, 1, False)])
+def test_an_mrar_checkpoint_is_named_from_two_mask_slots_on(src_slots, target_slots, says_mrar):
+    src, target = _toy_sd(mask_slots=src_slots), _toy_sd(mask_slots=target_slots)
+    target["extra.weight"] = torch.zeros(1)  # something else to mismatch
+    assert ("the checkpoint is an MRAR model (mask_token [1, " in mismatch(src, target)) is says_mrar
+
+
+@pytest.mark.parametrize("count, shown", [(20, 20), (21, 20), (25, 20)])
+def test_long_lists_show_twenty_and_count_the_rest(count, shown):
+    src = {**_toy_sd(), **{f"extra.{i:02d}": torch.zeros(1) for i in range(count)}}
+    line = mismatch(src, _toy_sd()).split("\n")[-1]
+    names = "; ".join(f"extra.{i:02d}" for i in range(shown))
+    rest = f"; ... and {count - 20} more" if count > 20 else ""
+    assert line == f"unexpected in checkpoint ({count}): {names}{rest}"
+
+
+def test_only_a_mask_token_of_one_slot_and_the_same_width_is_broadcast_and_any_nested_one():
+    src, target = _toy_sd(), _toy_sd(mask_slots=4)
+    src["decoder.mask_token"], target["decoder.mask_token"] = torch.ones(1, 1, 8), torch.zeros(1, 4, 8)
+    adapted, report = ck.adapt_state_dict(src, target)
+    assert torch.equal(adapted["decoder.mask_token"], torch.ones(1, 4, 8))
+    assert report[1] == "decoder.mask_token: [1, 1, 8] -> [1, 4, 8], token copied to all 4 slots"
+    for source, wanted in ((torch.ones(1, 2, 8), torch.zeros(1, 4, 8)), (torch.ones(2, 1, 8), torch.zeros(2, 4, 8)),
+                           (torch.ones(1, 1, 6), torch.zeros(1, 4, 8)), (torch.ones(1, 8), torch.zeros(4, 8))):
+        src["mask_token"], target["mask_token"] = source, wanted
+        assert "mask_token: checkpoint" in mismatch(src, target)
+
+
+def test_a_position_embedding_that_is_not_a_batch_of_one_square_grid_is_not_resized():
+    for source, wanted in ((torch.zeros(1, 16), torch.zeros(1, 64)), (torch.zeros(2, 16, 8), torch.zeros(2, 64, 8)),
+                           (torch.zeros(1, 16, 8), torch.zeros(1, 64, 6))):
+        src, target = _toy_sd(), _toy_sd()
+        src["x.pos_embed"], target["x.pos_embed"] = source, wanted
+        assert "x.pos_embed: checkpoint" in mismatch(src, target)
+
+
+def test_a_resized_position_embedding_keeps_its_dtype():
+    src, target = _toy_sd(dec_len=4), _toy_sd(dec_len=16)
+    src["diffdecoder.net.diffusion_pos_embed_learned"] = src["diffdecoder.net.diffusion_pos_embed_learned"].bfloat16()
+    adapted, _ = ck.adapt_state_dict(src, target)
+    assert adapted["diffdecoder.net.diffusion_pos_embed_learned"].dtype == torch.bfloat16
+
+
+class _Other:
+    """A second class outside the allow-list."""
+
+
+def test_the_refusal_of_pickled_objects_names_them_and_gives_no_unsafe_advice(tmp_path):
+    path = tmp_path / "objects.pth"
+    torch.save({"model": {}, "a": _Opaque(), "b": _Other()}, path)
+    with pytest.raises(ValueError) as info:
+        ck.load_checkpoint(str(path))
+    assert str(info.value) == (
+        f"{path} contains pickled Python objects outside the allow-list (tests.unit.util.test_checkpoint._Opaque, "
+        "tests.unit.util.test_checkpoint._Other). We refuse to unpickle arbitrary objects because that can execute "
+        "code. If you trust the file, convert it once to tensors, state dicts and plain Python values "
+        "(docs/reliability.md#foreign-checkpoints).")
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"a": _Opaque()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError) as info:
+        ck.load_checkpoint(str(legacy))
+    assert str(info.value) == (f"{legacy} is not a PyTorch checkpoint in the zip format: it is truncated or foreign "
+                               "bytes, or a legacy pickle, which we refuse to unpickle because that can execute code")
+
+
+def test_the_first_non_finite_tensor_is_named():
+    state = {"a": torch.ones(2), "n": torch.tensor([1, 2]), "b": torch.tensor([0.0, float("nan")]),
+             "c": torch.tensor([float("inf")])}
+    assert ck.first_non_finite(state) == "b" and ck.first_non_finite({"a": torch.ones(1), "s": "text"}) is None
+    with pytest.raises(ValueError, match="^weights.pth: tensor b holds non-finite values \\(NaN or infinity\\); the "
+                                         "file is corrupt or its run diverged$"):
+        ck.check_finite(state, "weights.pth")
+    ck.check_finite({"a": torch.ones(1, dtype=torch.bfloat16)}, "fine.pth")
+
+
+def test_a_flipped_byte_anywhere_in_the_tensors_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    ck.save_checkpoint(str(path), {"model": {"w": torch.arange(4096, dtype=torch.float32)}, "epoch": 3})
+    assert ck.load_checkpoint(str(path))["epoch"] == 3
+    data = bytearray(path.read_bytes())
+    offset = data.index(torch.arange(4096, dtype=torch.float32)[2000:2001].numpy().tobytes())
+    data[offset] ^= 0x01  # one bit of one weight
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"^{damaged} is corrupt: its record .*/data/0 fails its CRC-32 checksum, so "
+                                         "bytes changed after it was written; use another copy or another checkpoint "
+                                         "of the run$"):
+        ck.load_checkpoint(str(damaged))

@@ -12,7 +12,7 @@ from util import distributed as du
 from util.execution.wrap import RanksDiverged, replica_digests
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
-                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")
+                 "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_STEP_NUM_TASKS")
 
 
 def test_helpers_before_init_are_a_world_of_one(capsys):
@@ -50,7 +50,8 @@ def test_init_without_launcher_is_a_world_of_one(monkeypatch):
 
 @pytest.mark.parametrize("env, itp, expected", [
     ({"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1"}, False, (5, 16, 1, "torchrun")),
-    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "12", "SLURM_LOCALID": "3"}, False, (9, 12, 3, "slurm")),
+    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "12", "SLURM_LOCALID": "3", "SLURM_STEP_NUM_TASKS": "12"}, False,
+     (9, 12, 3, "slurm")),
     ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "2"}, True,
      (2, 4, 2, "openmpi")),
     # torchrun inside a SLURM allocation: torchrun's variables win, as in MAR.
@@ -71,6 +72,38 @@ def test_parse_launcher_env_names_the_missing_variable():
         du.parse_launcher_env({"RANK": "0", "WORLD_SIZE": "2"})
     with pytest.raises(ValueError, match="OMPI_COMM_WORLD_SIZE"):
         du.parse_launcher_env({"OMPI_COMM_WORLD_RANK": "0"}, dist_on_itp=True)
+
+
+@pytest.mark.parametrize("env, itp, message", [
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0"}, False,
+     r"^SLURM_NTASKS=4 but this process was not started by srun \(no SLURM_STEP_NUM_TASKS\): launch it with "
+     r"`srun python main.py ...`, or run one process with `SLURM_NTASKS=1 python main.py ...`$"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, False,
+     "^the torchrun variables do not add up: rank 2 of world size 2, local rank 0$"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, False, "rank -1 of world size 2"),
+    ({"RANK": "0", "WORLD_SIZE": "0", "LOCAL_RANK": "0"}, False, "rank 0 of world size 0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-3"}, False, "local rank -3$"),
+    ({**{"SLURM_PROCID": "5", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "4"}}, False,
+     "^the slurm variables do not add up: rank 5 of world size 4"),
+    ({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, True,
+     "^the openmpi variables do not add up"),
+])
+def test_launcher_variables_that_do_not_add_up_are_refused_at_once(env, itp, message):
+    with pytest.raises(ValueError, match=message):
+        du.parse_launcher_env(env, dist_on_itp=itp)
+
+
+def test_a_launch_without_its_rendezvous_is_refused_in_one_line(monkeypatch):
+    for name in (*LAUNCHER_VARS, "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="^distributed launch needs the environment variable MASTER_ADDR "):
+        du.init_distributed("cpu")
+    assert not du.is_initialized()
+
+
+SRUN = {"SLURM_STEP_NUM_TASKS": "8"}  # set by srun for the tasks it starts
 
 
 def _free_port() -> int:
@@ -127,8 +160,8 @@ def test_two_process_gloo_group():
 
 @pytest.mark.parametrize("env,visible,index", [
     ({"RANK": "13", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}, 8, 5),  # torchrun: every process sees the node's GPUs
-    ({"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3"}, 1, 0),  # srun --gpus-per-task=1
-    ({"SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "6"}, 4, 2),  # 4 GPUs shared by 8 tasks
+    ({**SRUN, "SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_LOCALID": "3"}, 1, 0),  # srun --gpus-per-task=1
+    ({**SRUN, "SLURM_PROCID": "6", "SLURM_NTASKS": "8", "SLURM_LOCALID": "6"}, 4, 2),  # 4 GPUs shared by 8 tasks
 ])
 def test_each_process_takes_a_gpu_it_can_see(monkeypatch, env, visible, index):
     for name in LAUNCHER_VARS:

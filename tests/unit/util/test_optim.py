@@ -4,10 +4,13 @@ import math
 import pytest
 import torch
 
+import util.optim
 from util.lr_sched import LrSchedule, absolute_lr, adjust_learning_rate, lr_at
 from util.optim import (
     EMA,
+    build_grad_scaler,
     build_optimizer,
+    full_state_dict,
     param_groups_weight_decay,
 )
 
@@ -152,3 +155,67 @@ def test_ema_load_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(ema.state_dict().values(), other.state_dict().values(), strict=True))
     with pytest.raises(RuntimeError):
         other.load_state_dict({"proj.weight": torch.zeros(4, 4)})
+
+
+def test_a_bias_of_any_shape_is_not_decayed():
+    model = torch.nn.Module()
+    model.scale = torch.nn.Module()
+    model.scale.bias = torch.nn.Parameter(torch.zeros(2, 3))  # 2-D, yet a bias
+    model.weight = torch.nn.Parameter(torch.zeros(2, 3))
+    model.biased = torch.nn.Parameter(torch.zeros(2, 3))  # the name must end in ".bias"
+    no_decay, decay = param_groups_weight_decay(model, 0.1)[0]
+    assert (_names(model, no_decay), _names(model, decay)) == (["scale.bias"], ["biased", "weight"])
+
+
+def test_build_optimizer_passes_its_settings_and_prints_them(capsys):
+    optimizer = build_optimizer(_Toy(), lr=3e-4, weight_decay=0.02, skip_list=("pos_embed",))
+    assert optimizer.defaults["lr"] == 3e-4 and optimizer.defaults["fused"] is True  # CPU is the default device
+    assert len(optimizer.param_groups[0]["params"]) == 6  # pos_embed skipped, as asked
+    assert capsys.readouterr().out == ("optimizer: AdamW (fused) lr 0.0003 betas (0.9, 0.95); weight decay 0.02 on 2 "
+                                       "tensors (20 params); none on 6 tensors (44 params)\n")
+    elsewhere = build_optimizer(_Toy(), lr=1e-4, weight_decay=0.0, device_type="xpu")  # no fused AdamW there
+    assert elsewhere.defaults["foreach"] is True and not elsewhere.defaults["fused"]
+    assert capsys.readouterr().out.startswith("optimizer: AdamW (foreach) lr 0.0001 ")
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_zero1_is_the_same_adamw_in_a_process_group_and_consolidates_to_its_format(one_rank_group, capsys):
+    assert isinstance(build_optimizer(_Toy(), lr=1e-4, weight_decay=0.02), torch.optim.AdamW)  # only when asked
+    torch.manual_seed(0)
+    plain_model, sharded_model = _Toy(), _Toy()
+    sharded_model.load_state_dict(plain_model.state_dict())
+    plain = build_optimizer(plain_model, lr=1e-2, weight_decay=0.02)
+    capsys.readouterr()
+    sharded = build_optimizer(sharded_model, lr=1e-2, weight_decay=0.02, shard_state=True)
+    assert isinstance(sharded, torch.distributed.optim.ZeroRedundancyOptimizer)
+    assert capsys.readouterr().out.startswith("optimizer: AdamW (fused, ZeRO-1) lr 0.01 betas (0.9, 0.95); ")
+    assert isinstance(sharded.optim, torch.optim.AdamW) and sharded.optim.defaults["fused"] is True
+    for model, optimizer in ((plain_model, plain), (sharded_model, sharded)):
+        (model.proj.weight.sum() + model.mask_token.sum()).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(plain_model.parameters(), sharded_model.parameters(), strict=True))
+    consolidated, expected = full_state_dict(sharded), full_state_dict(plain)
+    assert consolidated["param_groups"] == expected["param_groups"]
+    assert consolidated["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert all(torch.equal(state[key], consolidated["state"][index][key]) for key in state)
+
+
+def test_the_optimizer_state_is_whole_on_rank_0_and_absent_elsewhere(monkeypatch):
+    optimizer = build_optimizer(_Toy(), lr=1e-4, weight_decay=0.02)
+    assert full_state_dict(optimizer)["param_groups"][1]["weight_decay"] == 0.02
+    monkeypatch.setattr(util.optim, "is_main_process", lambda: False)
+    assert full_state_dict(optimizer) is None
+
+
+def test_the_grad_scaler_scales_only_when_enabled_on_its_device():
+    scaler = build_grad_scaler(True, "cpu")
+    assert scaler.is_enabled() and scaler.get_scale() == 2.0**16 and scaler._device == "cpu"
+    assert scaler.scale(torch.ones(1)).item() == 2.0**16
+    assert not build_grad_scaler(False, "cpu").is_enabled()
