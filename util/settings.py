@@ -9,6 +9,8 @@ decides the device, derives the absolute learning rate and rejects inconsistent 
 import argparse
 import math
 import os
+from collections.abc import Mapping
+from typing import Any
 
 from models.samplers import DEFAULT_SAMPLER, SAMPLERS
 from models.tokenizers import TOKENIZERS, check_tokenizer_settings
@@ -62,15 +64,16 @@ class SettingsError(ValueError):
     """An inconsistent combination of flags; the message says what to change."""
 
 
-def check_numbers(args) -> None:
+def check_numbers(settings: Mapping[str, Any]) -> None:
     """Refuse every float setting that is not finite (lists included, e.g. a per-stage --cfg) and every number
-    outside its range (`NUMBER_RANGES`, `POSITIVE_NUMBERS`); settings a parser does not have are skipped."""
-    for name, value in vars(args).items():
+    outside its range (`NUMBER_RANGES`, `POSITIVE_NUMBERS`); `settings` maps flag names to values, and names a
+    parser does not have are skipped."""
+    for name, value in settings.items():
         values = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise SettingsError(f"--{name} {_shown(value)}: must be a finite number")
     for name, (lowest, highest) in NUMBER_RANGES.items():
-        value = getattr(args, name, None)
+        value = settings.get(name)
         if value is None:
             continue
         if highest is None and value < lowest:
@@ -78,7 +81,7 @@ def check_numbers(args) -> None:
         if highest is not None and not lowest <= value <= highest:
             raise SettingsError(f"--{name} {value}: must be in [{lowest}, {highest}]")
     for name in POSITIVE_NUMBERS:
-        value = getattr(args, name, None)
+        value = settings.get(name)
         if value is not None and value <= 0:
             raise SettingsError(f"--{name} {value}: must be > 0")
 
@@ -302,7 +305,7 @@ def get_args_parser():
 
 def resolve_device(args):
     """The settings step's part shared with main_cache.py: the numbers' ranges and the device decision."""
-    check_numbers(args)
+    check_numbers(vars(args))
     try:
         args.device = dist.resolve_device_type(args.device)
         check_tokenizer_settings(args.tokenizer, args.vae_embed_dim, args.vae_stride)
