@@ -25,7 +25,7 @@ from torchvision.datasets import DatasetFolder, ImageFolder
 
 from util.data.rgb import as_rgb
 from util.errors import RunError
-from util.io import atomic_write
+from util.io import atomic_write, read_json
 
 CACHE_CLASSES = "classes.json"  # the image folder's class list, written by main_cache.py
 MOMENTS_KEY = "moments"  # [2C, h, w]: posterior mean and log-variance of the center-cropped image
@@ -179,11 +179,7 @@ def _load_npz(path: str) -> dict[str, np.ndarray]:
 def recorded_classes(path: str) -> list[str]:
     """The class list `main_cache.py` recorded: folder names, each one path component inside the cache (a name
     such as ``../other`` would read another folder). A malformed file raises ValueError naming it."""
-    try:
-        with open(path) as handle:
-            classes = json.load(handle)
-    except ValueError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); rerun main_cache.py to write it again") from None
+    classes = read_json(path)
     if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         raise ValueError(f"{path} must hold a JSON list of class folder names")
     outside = [name for name in classes if name in ("", ".", "..") or os.path.basename(name) != name
