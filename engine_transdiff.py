@@ -9,41 +9,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.tokenizers import decode_from_latents, encode_to_latents, latents_from_moments
+from models.tokenizers import encode_to_latents, latents_from_moments
 from util import distributed as dist
 from util.checkpoint import first_non_finite
 from util.data.datasets import cached_latent_path, write_cached_latent
 from util.errors import RunError
 from util.eval.fidelity import MissingMetricFile
-from util.eval.images import constant_images, image_grid, is_constant_png, to_uint8
+from util.eval.images import constant_images, evaluation_grid, is_constant_png, to_uint8, zoomed_grid
 from util.eval.layout import Evaluation, claim_folder, image_class, image_noise, image_path, is_complete_png
 from util.eval.npz_export import write_adm_npz
 from util.eval.registry import EVAL_METRICS, SHARED_INCEPTION, MetricSettings
 from util.execution.flops import Throughput
-from util.execution.precision import decode_precision
+from util.execution.precision import decode_images
 from util.execution.wrap import parameter_digest
-from util.io import append_json_record, remove_stale_temp_files, save_png
+from util.io import append_json_record, atomic_write, remove_stale_temp_files, save_png
 from util.logger import MetricLogger, SmoothedValue
 from util.lr_sched import LrSchedule, adjust_learning_rate
 
 PRINT_FREQ = 20
-# Images per VAE decode call: the decoder's full-resolution activations grow with the batch and dominate an
-# evaluation's memory at --eval_bsz 256 (docs/gpu.md), so a batch is decoded in slices of this many.
-DECODE_CHUNK = 32
 PNG_WRITERS = 4  # threads encoding and writing an evaluation's PNGs beside the generation
 
 
 class NonFiniteLoss(RunError):
     """Training stopped because the loss, the weights or the EMA held a NaN or an infinity (nothing is saved after
     it)."""
-
-
-def decode_images(tokenizer, latents: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
-    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], `DECODE_CHUNK` at a time, in the decode precision
-    (`util.execution.precision.decode_precision`: never float16)."""
-    in_bf16 = decode_precision(precision) == "bf16"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=in_bf16):  # off also inside a sampling context
-        return torch.cat([decode_from_latents(tokenizer, part) for part in latents.split(DECODE_CHUNK)])
 
 
 def batch_to_latents(batch, tokenizer, device, use_cached: bool):
@@ -298,7 +287,8 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     if dist.is_main_process():
         os.makedirs(folder, exist_ok=True)
         claim_folder(folder, evaluation.identity(), {"source": source, "epoch": epoch_label, "args": vars(args)})
-        removed, _ = remove_stale_temp_files(folder)
+        removed = remove_stale_temp_files(folder)[0]
+        removed += remove_stale_temp_files(*os.path.split(grid_path(folder)))[0]  # its grid's, beside it
         if removed:
             logger.info(f"removed {removed} temporary file(s) of an interrupted evaluation in {folder}")
     dist.barrier()
@@ -320,6 +310,7 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
         logger.warning(f"{constant} of {args.num_images} images in {folder} are one colour all over: the model "
                        "samples nothing (diverged or untrained weights?); their scores mean little")
     if dist.is_main_process():
+        record["grid"] = write_evaluation_grid(folder, args.num_images, args.class_num)
         if args.save_npz:
             record["npz"] = folder + ".npz"
             write_adm_npz(folder, record["npz"])
@@ -344,14 +335,39 @@ def evaluate(model, ema, tokenizer, args, epoch_label, device, context, writer, 
     return record
 
 
+# An evaluation's grid: up to this many classes spread over the class range, this many images of each.
+GRID_CLASSES = 8
+GRID_PER_CLASS = 4
+
+
+def grid_path(folder: str) -> str:
+    """An evaluation folder's grid, beside it (inside, it would count as a generated image)."""
+    return folder + "_grid.png"
+
+
+def write_evaluation_grid(folder: str, num_images: int, class_num: int) -> str:
+    """`<folder>_grid.png`: a row per class of `GRID_CLASSES` spread over the class range, its first
+    `GRID_PER_CLASS` images, zoomed for small images (`util.eval.images.zoomed_grid`); written atomically once the
+    images exist (rank 0). Returns its path."""
+    grid = evaluation_grid(folder, num_images, class_num, spread_classes(GRID_CLASSES, class_num), GRID_PER_CLASS)
+    path = grid_path(folder)
+    atomic_write(path, lambda handle: grid.save(handle, format="PNG"), durable=False)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- previews
 PREVIEW_SAMPLER = "euler"  # deterministic and cheap: a preview shows progress, not paper numbers
 
 
+def spread_classes(count: int, class_num: int) -> list:
+    """`count` classes (at most `class_num`) spread evenly over the class range, first and last included."""
+    count = min(count, class_num)
+    return [round(i * (class_num - 1) / max(count - 1, 1)) for i in range(count)]
+
+
 def preview_classes(args) -> list:
     """`--preview_classes` spread evenly over the class range (always the same ones during a run)."""
-    count = min(args.preview_classes, args.class_num)
-    return [round(i * (args.class_num - 1) / max(count - 1, 1)) for i in range(count)]
+    return spread_classes(args.preview_classes, args.class_num)
 
 
 @torch.no_grad()
@@ -369,7 +385,7 @@ def preview(net, tokenizer, args, epoch, device, context, writer) -> str:
         latents = net.samples(labels, args.preview_steps, cfg=args.cfg, sampler=PREVIEW_SAMPLER, generator=noise)
     images = decode_images(tokenizer, latents, args.precision, device)  # [B, 3, H, W]
     net.train(was_training)
-    grid = image_grid(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), args.preview_per_class, scale=1)
+    grid = zoomed_grid(torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2), args.preview_per_class)
     pixels = np.asarray(grid)  # [H', W', 3]
     save_png(path, pixels)
     writer.add_image("preview", pixels, epoch)

@@ -15,9 +15,9 @@ import torch
 
 import engine_transdiff as engine
 from models.tokenizers import TOKENIZERS, build_tokenizer
-from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
-from util import run_state
+from util import pretrained, run_state
+from util.data.class_map import read_class_map
 from util.data.crops import train_transform
 from util.data.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
 from util.data.order import ResumableSampler, SeededSamples, epoch_loader_seed
@@ -27,20 +27,24 @@ from util.execution.precision import autocast_context, configure_cuda_backends, 
 from util.execution.wrap import compile_blocks, wrap_model
 from util.io import append_json_line, remove_stale_temp_files, truncate_json_lines, write_json
 from util.logger import TensorboardWriter, create_logger
+from util.lr_sched import lr_derivation
 from util.optim import EMA, build_grad_scaler, build_optimizer
 from util.run_lock import FolderInUse, RunLock
-from util.settings import SettingsError, get_args_parser, resolve_args
+from util.settings import (
+    SettingsError,
+    available_cpus,
+    capped_workers,
+    cpu_training_warning,
+    get_args_parser,
+    resolve_args,
+    small_data_warning,
+)
 
 
 def build_model(args):
     """The TransDiff of the flags (on CPU; the caller moves it)."""
     try:
-        return TRANSDIFF_MODELS[args.model](
-            img_size=args.img_size, patch_size=args.patch_size, vae_embed_dim=args.vae_embed_dim,
-            vae_stride=args.vae_stride, label_drop_prob=args.label_drop_prob, class_num=args.class_num,
-            attn_dropout=args.attn_dropout, proj_dropout=args.proj_dropout, buffer_size=args.buffer_size,
-            diffloss_w=args.diffloss_w, num_sampling_steps=args.num_sampling_steps,
-            diffusion_batch_mul=args.diffusion_batch_mul, grad_checkpointing=args.grad_checkpointing, mrar=args.mrar)
+        return pretrained.build_model(vars(args))
     except ValueError as error:
         raise SettingsError(str(error)) from None
 
@@ -63,8 +67,18 @@ def build_run_tokenizer(args, device):
     return tokenizer if weightless else tokenizer.to(device)
 
 
-def build_train_loader(args, device):
-    """The training data in a resumable order: (dataset, sampler, loader); see `util.data.order`."""
+def loader_workers(args, logger) -> int:
+    """`--num_workers`, capped at the CPUs this process may use (`util.settings.capped_workers`), with a note when
+    lowered."""
+    workers, note = capped_workers(args.num_workers, available_cpus())
+    if note:
+        logger.info(note)
+    return workers
+
+
+def build_train_loader(args, device, num_workers: int):
+    """The training data in a resumable order: (dataset, sampler, loader); see `util.data.order`. `num_workers`:
+    the loader's processes (`loader_workers`)."""
     train_root = os.path.join(args.data_path, "train")
     if args.use_cached:
         dataset = CachedLatentFolder(args.cached_path, hflip=args.hflip)
@@ -76,9 +90,9 @@ def build_train_loader(args, device):
     dataset = SeededSamples(dataset, args.seed)
     sampler = ResumableSampler(dataset, dist.get_world_size(), dist.get_rank(), args.seed, args.batch_size)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, drop_last=True,
+                                         num_workers=num_workers, drop_last=True,
                                          pin_memory=args.pin_mem and device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0, generator=torch.Generator())
+                                         persistent_workers=num_workers > 0, generator=torch.Generator())
     if sampler.full_batches == 0:
         raise SettingsError(f"{len(dataset)} training examples on {dist.get_world_size()} process(es) give no full "
                             f"batch of {args.batch_size}; lower --batch_size")
@@ -128,12 +142,37 @@ def write_run_args(args) -> None:
         write_json(os.path.join(args.output_dir, "args.json"), vars(args))
 
 
-def run_settings(args) -> run_state.RunSettings:
+def run_settings(args, init_from: str = "", class_rows: dict | None = None) -> run_state.RunSettings:
     return run_state.RunSettings(
         output_dir=args.output_dir, flags=dict(vars(args)), seed=args.seed, batch_size=args.batch_size,
-        accumulation_steps=args.gradient_accumulation_steps, resume=args.resume, load_step=args.load_step,
-        evaluate=args.evaluate, allow_random_weights=args.allow_random_weights, start_epoch=args.start_epoch,
+        accumulation_steps=args.gradient_accumulation_steps, resume=args.resume, init_from=init_from,
+        class_rows=class_rows, load_step=args.load_step, evaluate=args.evaluate,
+        allow_random_weights=args.allow_random_weights, start_epoch=args.start_epoch,
         save_every_steps=args.save_every_steps, save_every_minutes=args.save_every_minutes)
+
+
+def finetune_start(args, dataset) -> tuple[str, dict | None]:
+    """``--init_from``'s checkpoint file and ``--class_map``'s rows ({your class: pretrained class}); nothing when
+    the run has no --init_from or already has its own checkpoint-last.pth (an interrupted finetune continues).
+    Rank 0 resolves the weights first (a released name is downloaded once), then the others find them."""
+    if not args.init_from or os.path.isfile(run_state.checkpoint_path(args.output_dir, run_state.LAST)):
+        return "", None
+    refusal = None
+    if dist.is_main_process():
+        try:
+            pretrained.weights_file(args.init_from, args.load_step)
+        except (OSError, ValueError, RuntimeError) as error:
+            refusal = f"--init_from {error}"
+    refusal = dist.broadcast_object(refusal)
+    if refusal:
+        raise SettingsError(refusal)
+    path = pretrained.weights_file(args.init_from, args.load_step)
+    if not args.class_map:
+        return path, None
+    try:
+        return path, read_class_map(args.class_map, list(getattr(dataset, "classes", None) or []))
+    except (OSError, ValueError) as error:
+        raise SettingsError(str(error)) from None
 
 
 def restore_replicas(run, model, ema, optimizer, scaler, logger) -> run_state.Restored:
@@ -160,16 +199,18 @@ def training_monitor(args, device, logger) -> engine.TrainingMonitor:
 def train(args, model, ema, tokenizer, device, context, logger):
     optimizer = build_optimizer(model, args.lr, args.weight_decay, device_type=device.type, shard_state=args.zero1)
     scaler = build_grad_scaler(uses_grad_scaler(args.precision), device.type)
-    run = run_settings(args)
+    dataset, sampler, loader = build_train_loader(args, device, loader_workers(args, logger))
+    check_classes(dataset, args)
+    run = run_settings(args, *finetune_start(args, dataset))
     restored = restore_replicas(run, model, ema, optimizer, scaler, logger)
     if restored.start_epoch > args.epochs:
         raise SettingsError(f"the run is already at epoch {restored.start_epoch - 1}, beyond --epochs {args.epochs}; "
                             "raise --epochs to train further")
-    dataset, sampler, loader = build_train_loader(args, device)
-    check_classes(dataset, args)
     steps = sampler.full_batches
     logger.info(f"training data: {len(dataset)} examples in {len(getattr(dataset, 'classes', []) or [])} classes, "
-                f"{steps} batches per epoch and process; lr {args.lr:.3g}")
+                f"{steps} batches per epoch and process; " + lr_derivation(
+                    args.lr, args.blr, args.batch_size, args.gradient_accumulation_steps, dist.get_world_size()))
+    warn_if(logger, small_data_warning(sum(p.numel() for p in model.parameters()), len(dataset)))
     if dist.is_main_process():
         start_training_run(args, logger, restored.start_epoch)
     monitor = training_monitor(args, device, logger)
@@ -217,6 +258,12 @@ def stop_loader_workers(loader) -> None:
         iterator._shutdown_workers()
 
 
+def warn_if(logger, warning: str | None) -> None:
+    """Log a guardrail's warning (`util.settings`), if it has one."""
+    if warning:
+        logger.warning("warning: " + warning)
+
+
 def claim_output_dir(output_dir: str) -> tuple[RunLock | None, str | None]:
     """Rank 0 takes the folder's lock (`util.run_lock`): (the lock, a note on a dead run's lock taken over). Every
     rank stops with rank 0's message when another run holds the folder."""
@@ -261,9 +308,11 @@ def train_or_evaluate(args, device, lock_note):
     tokenizer = build_run_tokenizer(args, device)
     model = build_model(args).to(device)
     freeze_untrained(model, args.only_train_diff)
+    parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                f"{trainable / 1e6:.2f}M trainable")
+    logger.info(f"{args.model}: {parameters / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable")
+    if not args.evaluate:
+        warn_if(logger, cpu_training_warning(parameters, device.type))
     ema = EMA(model)
     if args.compile:  # sampling runs the EMA weights (the raw ones with --eval_wo_ema); training: wrap_model
         compile_blocks(ema.module)

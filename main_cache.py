@@ -22,7 +22,15 @@ from util.data.datasets import CACHE_CLASSES, ImageFolderWithChecks, cached_late
 from util.errors import RunError, run_cli
 from util.io import remove_stale_temp_files, write_json
 from util.logger import create_logger
-from util.settings import HelpFormatter, add_data_args, add_distributed_args, add_legacy_args, add_tokenizer_args
+from util.settings import (
+    HelpFormatter,
+    add_data_args,
+    add_distributed_args,
+    add_legacy_args,
+    add_tokenizer_args,
+    available_cpus,
+    capped_workers,
+)
 from util.settings import resolve_device as resolve_settings
 
 
@@ -82,8 +90,11 @@ def main(args):
     dataset.samples = [listed[i] for i in todo]
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
                                                   shuffle=False)
+    workers, note = capped_workers(args.num_workers, available_cpus())
+    if note:
+        logger.info(note)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, drop_last=False,
+                                         num_workers=workers, drop_last=False,
                                          pin_memory=args.pin_mem and info.device.type == "cuda")
     written = cache_latents(tokenizer, loader, info.device, args.cached_path, image_root, logger)
     logger.info(f"rank {dist.get_rank()}: cached {written} images into {args.cached_path}")

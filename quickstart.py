@@ -37,7 +37,7 @@ from digits.judge import load_digits_classifier, train_digits_classifier
 from digits.metric import HEADLINE_SCORES
 from digits.scores import score_samples
 from util.errors import run_cli
-from util.eval.images import image_grid, read_generated_images, read_image_folder
+from util.eval.images import evaluation_grid, read_image_folder
 from util.io import atomic_write, write_json
 
 # The digits hold 8x8 source pixels. At 16 px a stride-2 token grid is 8x8 (64 tokens of 2x2x3 values), a quarter of
@@ -49,8 +49,7 @@ BATCH_SIZE = 32
 TRAIN_IMAGES = 1437  # the export's train split; with drop_last, 44 optimizer steps per epoch
 STEPS_PER_EPOCH = TRAIN_IMAGES // BATCH_SIZE
 WARMUP_STEPS = 30
-GRID_PER_CLASS = 10
-GRID_ZOOM = 64 // IMG_SIZE  # nearest-neighbour upscaling of samples_grid.png
+GRID_PER_CLASS = 10  # samples_grid.png: a row of this many per class, zoomed as every grid (util.eval.images)
 
 # transdiff_tiny (width 64) with the settings that made the original code learn the digits: 16 buffer slots, no
 # dropout, one noise draw per sample, a 30-step warm-up, grad clip 3, EMA 0.99 (0.9999 would still hold the
@@ -74,13 +73,17 @@ class RunSize(NamedTuple):
     judge_epochs: int    # training passes of the judge classifier
 
 
-# Class conditioning switches on after 300-500 steps (seen in the study that chose this recipe); the samples keep
+# Class conditioning switches on after 300-500 steps (seen while choosing this recipe); the samples keep
 # getting smoother long after that. Evaluation uses the deterministic Euler sampler at 10 steps, which drew these
 # digits better than 20 Euler-Maruyama steps (FD 14.0 against 16.3 at cfg 1.5) at half the cost (see
 # benchmarks/digits_sweep.py).
 EVAL_SAMPLER = "euler"
 DEFAULT_RUN = RunSize(steps=4400, num_images=500, sampling_steps=10, judge_epochs=20)
 SMALL_RUN = RunSize(steps=1, num_images=100, sampling_steps=2, judge_epochs=1)
+# The sampling settings the training run records in its checkpoint (its previews use the cfg): what
+# `util.pretrained`, the notebook and the demo page sample with by default. The evaluation's sampler and steps at
+# the cfg with the lowest Frechet distance (docs/digits.md).
+SAMPLING_FLAGS = ["--sampler", EVAL_SAMPLER, "--num_sampling_steps", str(DEFAULT_RUN.sampling_steps), "--cfg", "1.25"]
 
 
 def get_args_parser():
@@ -102,7 +105,8 @@ def get_args_parser():
 
 def train(out: Path, data: Path, epochs: int) -> None:
     """`main.py` training into `out`; continues `out/checkpoint-last.pth` when there is one."""
-    argv = [*MODEL_FLAGS, *TRAIN_FLAGS, "--data_path", str(data), "--output_dir", str(out), "--epochs", str(epochs)]
+    argv = [*MODEL_FLAGS, *TRAIN_FLAGS, *SAMPLING_FLAGS, "--data_path", str(data), "--output_dir", str(out),
+            "--epochs", str(epochs)]
     transdiff_main.cli(argv)
 
 
@@ -117,11 +121,6 @@ def evaluate(out: Path, data: Path, judge_path: Path, cfg: float, run: RunSize) 
                         "--metrics", "digits", "--digits_judge", str(judge_path), "--ref_images", str(data / "val"),
                         "--require_metrics"])
     return json.loads((out / "metrics.json").read_text())[-1]
-
-
-def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
-    """The first `per_class` images of each label, class-major: [classes * per_class, 3, H, W]."""
-    return torch.cat([images[labels == label][:per_class] for label in labels.unique()])
 
 
 def summary_table(rows: dict) -> str:
@@ -162,8 +161,7 @@ def run_quickstart(args) -> dict:
     reference = score_samples(judge, *read_image_folder(data / "train"), *read_image_folder(data / "val"))
 
     best_cfg = min(results, key=lambda cfg: results[cfg]["frechet_distance"])
-    samples = read_generated_images(results[best_cfg]["folder"], run.num_images, CLASS_NUM)  # [N, 3, H, W], [N]
-    grid = image_grid(class_rows(*samples, GRID_PER_CLASS), GRID_PER_CLASS, scale=GRID_ZOOM)
+    grid = evaluation_grid(results[best_cfg]["folder"], run.num_images, CLASS_NUM, range(CLASS_NUM), GRID_PER_CLASS)
     grid = grid.convert("L")  # the digits are grey
     atomic_write(out / "samples_grid.png", lambda handle: grid.save(handle, format="PNG", optimize=True))
 

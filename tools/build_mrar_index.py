@@ -4,9 +4,8 @@ Each line is one MRAR training example of four same-class images from an ImageFo
 f0..f2 are the references and f3 the final target, the format ``util.data.datasets.MRARDataset`` reads
 (and the original's ``Imagenet2012_mrar_files.txt`` uses).
 
-How the authors chose the groups is not published (paper digest §4). Our assumption: every image is
-the target (f3) of exactly one line, so an MRAR epoch sees each image once as a target, and its three
-references are
+How the authors chose the groups is not published. Our assumption: every image is the target (f3) of
+exactly one line, so an MRAR epoch sees each image once as a target, and its three references are
 
 * ``random``: three other distinct images of its class, drawn uniformly;
 * ``nearest``: its three nearest same-class neighbours (Euclidean) in a feature space, ordered from

@@ -142,7 +142,8 @@ def select_weights(checkpoint: Mapping[str, Any], use_ema: bool = True) -> tuple
 
 
 def adapt_state_dict(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str, torch.Tensor],
-                     model_for_width: Mapping[int, str] | None = None) -> tuple[dict, list[str]]:
+                     model_for_width: Mapping[int, str] | None = None,
+                     class_rows: Mapping[int, int] | None = None) -> tuple[dict, list[str]]:
     """Fit a checkpoint's state dict to a model whose shapes differ in the known finetune ways.
 
     For finetunes that start from a 1-step 256px checkpoint:
@@ -154,6 +155,10 @@ def adapt_state_dict(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str,
     * a ``*pos_embed*`` tensor [1, N, D] -> [1, M, D] with N and M perfect squares (the decoder's
       ``diffdecoder.net.diffusion_pos_embed_learned``, 256 -> 1024 for 512px): bicubic interpolation
       over the sqrt(N) x sqrt(N) grid (align_corners=False).
+
+    For a finetune onto other classes (``class_rows`` given: model row -> checkpoint row), ``class_emb.weight`` is
+    the model's fresh initialisation with the mapped rows copied from the checkpoint; the unconditional embedding
+    (``fake_latent``) is kept as any other tensor. An empty mapping keeps every row fresh.
 
     Any other shape mismatch, missing or unexpected key raises ValueError listing them and explaining the
     usual flag mistakes (``model_for_width`` maps a width to the ``--model`` name to suggest). Returns the
@@ -171,6 +176,9 @@ def adapt_state_dict(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str,
             adapted[key] = target.clone()
             report.append(f"{key}: checkpoint {list(source.shape)} vs model {list(target.shape)}, kept the "
                           "model's fresh initialisation (z_proj is untrained in the 1-step model)")
+        elif key == CLASS_EMBEDDING and class_rows is not None and source.shape[1:] == target.shape[1:]:
+            adapted[key], line = _mapped_class_rows(source, target, class_rows)
+            report.append(line)
         elif source.shape == target.shape:
             adapted[key] = source
         elif _is_broadcastable_mask_token(key, source, target):
@@ -186,6 +194,54 @@ def adapt_state_dict(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str,
     if missing or unexpected or mismatched:
         raise ValueError(_mismatch_message(src_sd, target_sd, missing, unexpected, mismatched, model_for_width or {}))
     return adapted, report
+
+
+def check_fits(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str, torch.Tensor],
+               model_for_width: Mapping[int, str] | None = None) -> None:
+    """Raise ValueError explaining every missing, unexpected and differently-shaped tensor (as `adapt_state_dict`
+    does) unless `src_sd` loads strictly into a model whose state dict is `target_sd`."""
+    missing = sorted(set(target_sd) - set(src_sd))
+    unexpected = sorted(set(src_sd) - set(target_sd))
+    mismatched = [f"{key}: checkpoint {list(src_sd[key].shape)} vs model {list(target.shape)}"
+                  for key, target in target_sd.items() if key in src_sd and src_sd[key].shape != target.shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(_mismatch_message(src_sd, target_sd, missing, unexpected, mismatched, model_for_width or {}))
+
+
+# The flags that decide a model's tensors and its tokenizer, as `trained_with` names them.
+ARCHITECTURE_FLAGS = ("model", "img_size", "patch_size", "vae_embed_dim", "vae_stride", "class_num", "buffer_size",
+                      "diffloss_w", "tokenizer")
+
+
+def trained_with(checkpoint: Mapping[str, Any]) -> str:
+    """One line naming the architecture flags a checkpoint's run was trained with (its stored ``args``)."""
+    stored = checkpoint.get("args") or {}
+    flags = [f"--{name} {stored[name]}" for name in ARCHITECTURE_FLAGS if stored.get(name) is not None]
+    if stored.get("mrar"):
+        flags.append("--mrar")
+    if not flags:
+        return "the checkpoint stores no settings ('args') to say which model it is"
+    return "the checkpoint was trained with " + " ".join(flags)
+
+
+CLASS_EMBEDDING = "class_emb.weight"
+
+
+def _mapped_class_rows(source: torch.Tensor, target: torch.Tensor,
+                       class_rows: Mapping[int, int]) -> tuple[torch.Tensor, str]:
+    """``target`` [K, D] with rows ``class_rows`` (model row -> checkpoint row) copied from ``source`` [K', D]."""
+    for row, source_row in class_rows.items():
+        if not (0 <= row < target.shape[0] and 0 <= source_row < source.shape[0]):
+            raise ValueError(f"class map: class {row} -> pretrained class {source_row} is outside the model's "
+                             f"{target.shape[0]} or the checkpoint's {source.shape[0]} classes")
+    rows = target.clone()
+    for row, source_row in class_rows.items():
+        rows[row] = source[source_row]
+    fresh = target.shape[0] - len(class_rows)
+    copied = ", ".join(f"{row}<-{source_row}" for row, source_row in sorted(class_rows.items()))
+    return rows, (f"{CLASS_EMBEDDING}: checkpoint {list(source.shape)} -> model {list(target.shape)}, "
+                  f"{len(class_rows)} row(s) copied from pretrained classes ({copied or 'none'}), {fresh} "
+                  "initialised as in training")
 
 
 def _z_proj_input_changed(src_sd: Mapping[str, torch.Tensor], target_sd: Mapping[str, torch.Tensor]) -> bool:

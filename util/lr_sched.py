@@ -56,3 +56,24 @@ def absolute_lr(lr: float | None, blr: float, eff_batch_size: int) -> float:
     ``eff_batch_size`` = per-process batch size x world size x gradient accumulation steps.
     """
     return lr if lr is not None else blr * eff_batch_size / 256
+
+
+def _short(value: float) -> str:
+    """3 significant digits as a flag is typed: 2.5e-05 -> '2.5e-5', 1e-4 -> '1e-4', 0.004 -> '0.004'."""
+    if value == 0 or abs(value) >= 1e-3:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def lr_derivation(lr: float, blr: float, batch_size: int, accumulation: int, processes: int) -> str:
+    """The run's absolute ``lr`` and where it came from, for the log: the scaling rule of `absolute_lr` spelled out
+    when ``lr`` is what it gives, else ``lr`` as given by --lr.
+
+    ``lr 2.5e-5 = blr 1e-4 x effective batch 64 / 256 (batch_size 16 x 2 accumulation x 2 processes)``
+    """
+    effective = batch_size * accumulation * processes
+    if lr != absolute_lr(None, blr, effective):
+        return f"lr {_short(lr)} (--lr as given; --blr unused)"
+    return (f"lr {_short(lr)} = blr {_short(blr)} x effective batch {effective} / 256 (batch_size {batch_size} x "
+            f"{accumulation} accumulation x {processes} process{'es' if processes > 1 else ''})")

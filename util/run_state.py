@@ -22,7 +22,15 @@ import torch
 
 from models.transdiff import TRANSDIFF_MODELS
 from util import distributed as dist
-from util.checkpoint import adapt_state_dict, check_finite, load_checkpoint, save_checkpoint, select_weights
+from util.checkpoint import (
+    CLASS_EMBEDDING,
+    adapt_state_dict,
+    check_finite,
+    load_checkpoint,
+    save_checkpoint,
+    select_weights,
+    trained_with,
+)
 from util.errors import Preempted
 from util.execution.wrap import replica_digests
 from util.optim import full_state_dict
@@ -41,6 +49,8 @@ class RunSettings:
     batch_size: int = 1          # per process
     accumulation_steps: int = 1  # micro-batches per optimizer step
     resume: str = ""             # a checkpoint file, or a folder holding checkpoint-<load_step>.pth
+    init_from: str = ""          # a checkpoint file a new run starts its weights from (a finetune)
+    class_rows: dict | None = None  # init_from: class embedding rows to copy, {model row: checkpoint row}
     load_step: str = LAST
     evaluate: bool = False       # load weights only: never the optimizer or the run's own last checkpoint
     allow_random_weights: bool = False  # evaluating without weights is an error unless this
@@ -184,11 +194,27 @@ def _model_for_width() -> dict[int, str]:
     return widths
 
 
-def _adapt(weights: dict, target: dict, path: str) -> tuple[dict, list[str]]:
+def _adapt(weights: dict, target: dict, checkpoint: dict, path: str, class_rows: dict | None) -> tuple[dict, list[str]]:
+    """`adapt_state_dict`, its refusal naming the file and the settings the checkpoint was trained with; a
+    checkpoint of another class count that is not being finetuned from points to ``--init_from``."""
     try:
-        return adapt_state_dict(weights, target, _model_for_width())
+        return adapt_state_dict(weights, target, _model_for_width(), class_rows)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        message = f"{path}: {error}\n{trained_with(checkpoint)}"
+        source, model = weights.get(CLASS_EMBEDDING), target.get(CLASS_EMBEDDING)
+        if class_rows is None and source is not None and model is not None and source.shape[0] != model.shape[0]:
+            message += (f"\nto finetune it onto your own {model.shape[0]} classes, start a new run with --init_from "
+                        f"{path} (and --class_map FILE to start classes from pretrained ones; docs/finetuning.md)")
+        raise ValueError(message) from None
+
+
+def _class_rows(run: RunSettings, weights: dict, target: dict) -> dict | None:
+    """The class embedding rows an ``--init_from`` start copies: the class map's, every row when the class count is
+    the same and no map is given, none for another class count without a map (None: no class adaptation)."""
+    if run.class_rows is not None:
+        return run.class_rows
+    source, model = weights.get(CLASS_EMBEDDING), target.get(CLASS_EMBEDDING)
+    return {} if source is not None and model is not None and source.shape[0] != model.shape[0] else None
 
 
 def _stored_epoch(checkpoint: dict, path: str) -> int:
@@ -214,16 +240,20 @@ def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored
     """Load the checkpoint a run starts from (``optimizer`` and ``scaler`` are None when evaluating).
 
     Our own run's ``<output_dir>/checkpoint-last.pth`` wins (an interrupted run continues exactly: weights,
-    EMA, optimizer, scaler, epoch and every rank's RNG state). Otherwise ``--resume`` continues exactly when
+    EMA, optimizer, scaler, epoch and every rank's RNG state). Otherwise ``--init_from`` starts a new run (epoch 0,
+    fresh optimizer) from its weights, the class embedding rebuilt by ``class_rows`` (`_class_rows`) when the
+    class count differs or a class map is given. Otherwise ``--resume`` continues exactly when
     it is a training checkpoint of the same configuration, and initialises the weights (adapting new-shaped
     tensors, starting at epoch 0) when it is a released or differently-shaped checkpoint, e.g. a 1-step
     model for an MRAR or 512 px finetune. A checkpoint that does not fit raises ValueError explaining which
     flag to change.
     """
     own = checkpoint_path(run.output_dir, LAST)
-    path = None
+    path, initialising = None, False
     if not run.evaluate and os.path.isfile(own):
         path = own
+    elif run.init_from:
+        path, initialising = run.init_from, True
     elif run.resume:
         if not os.path.exists(run.resume):
             raise FileNotFoundError(f"--resume {run.resume}: no such file or folder")
@@ -245,13 +275,14 @@ def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored
     check_finite(raw, f"{path} ({source})")
     check_finite(raw_ema, f"{path} ({ema_source})")
     target = model.state_dict()
-    weights, report = _adapt(raw, target, path)
+    class_rows = _class_rows(run, raw, target) if initialising else None
+    weights, report = _adapt(raw, target, checkpoint, path, class_rows)
     model.load_state_dict(weights, strict=True)
-    ema.load_state_dict(_adapt(raw_ema, target, path)[0])
+    ema.load_state_dict(_adapt(raw_ema, target, checkpoint, path, class_rows)[0])
     for line in report:
         logger.info(f"adapted: {line}")
     epoch = _stored_epoch(checkpoint, path)
-    if run.continues(checkpoint) and not run.evaluate:
+    if run.continues(checkpoint) and not run.evaluate and not initialising:
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and checkpoint.get("scaler"):
             scaler.load_state_dict(checkpoint["scaler"])

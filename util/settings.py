@@ -130,7 +130,8 @@ def add_data_args(parser, cache: bool = False):
     group.add_argument("--data_path", default="./data/imagenet", help="ImageFolder root holding train/<class>/...")
     group.add_argument("--skip_corrupt", action="store_true", help="skip unreadable images with a warning")
     group.add_argument("--num_workers", default=10, type=int,
-                       help="data-loading processes per training process (0: load in the main process)")
+                       help="data-loading processes per training process (0: load in the main process);\n"
+                            "lowered, with a note, to the CPUs the process may use")
     group.add_argument("--pin_mem", action="store_true", default=True,
                        help="page-locked host memory for the batches (faster copies to a GPU)")
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem", help="ordinary host memory")
@@ -290,6 +291,13 @@ def get_args_parser():
     group.add_argument("--log_dir", default=None, help="tensorboard folder (default: --output_dir)")
     group.add_argument("--resume", default="", help="checkpoint file or folder (folder: checkpoint-<load_step>.pth)")
     group.add_argument("--load_step", default="last", help="'last' or an epoch number")
+    group.add_argument("--init_from", default="", metavar="NAME_OR_PATH",
+                       help="start a new run (epoch 0, fresh optimizer) from these weights: a checkpoint file, a run\n"
+                            "folder (checkpoint-<load_step>.pth) or a released model's name (transdiff_l, ...,\n"
+                            "fetched into the Hugging Face cache); a finetune (docs/finetuning.md)")
+    group.add_argument("--class_map", default="", metavar="FILE",
+                       help="--init_from with other classes: lines '<class folder> <pretrained class index or\n"
+                            "ImageNet wnid>'; those rows of the class embedding are copied, the rest start fresh")
     group.add_argument("--start_epoch", default=0, type=int, help="the first epoch of a run that starts fresh")
     group.add_argument("--save_last_freq", default=5, type=int, help="epochs between checkpoint-last.pth writes")
     group.add_argument("--save_every_steps", default=0, type=int,
@@ -339,6 +347,11 @@ def resolve_args(args):
         raise SettingsError("--use_cached is not supported with --mrar (MRAR reads 4 images per example)")
     if args.use_cached and not args.cached_path:
         raise SettingsError("--use_cached needs --cached_path (the folder written by main_cache.py)")
+    if args.init_from and (args.resume or args.evaluate):
+        other = "--resume (continue a run)" if args.resume else "--evaluate (pass the weights to --resume)"
+        raise SettingsError(f"--init_from starts a new training run from weights: it does not go with {other}")
+    if args.class_map and not args.init_from:
+        raise SettingsError("--class_map maps your classes to those of the weights given by --init_from; pass both")
     if args.evaluate and args.num_images % args.class_num:
         raise SettingsError(f"--num_images {args.num_images} must be a multiple of --class_num {args.class_num} "
                             "(the same number of images per class)")
@@ -355,3 +368,45 @@ def resolve_args(args):
     world_size = dist.launch_world_size(args.dist_on_itp)
     args.lr = absolute_lr(args.lr, args.blr, args.batch_size * world_size * args.gradient_accumulation_steps)
     return args
+
+
+# ---------------------------------------------------------------------------------------------- guardrails
+# Soft checks of a run against the machine and its data, made once the model and the data exist: each returns the
+# line to log, or None. None of them stops a run.
+BIG_MODEL_PARAMETERS = 100_000_000  # transdiff_base (290M) and up; transdiff_tiny has 0.2-0.4M
+SMALL_TRAINING_SET = 1000  # training examples: below this, a few hundred images, a big model memorises them
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (Linux: a container's, taskset's or
+    a job scheduler's limit), else the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def capped_workers(requested: int, cpus: int) -> tuple[int, str | None]:
+    """`--num_workers` capped at `cpus`: (the loader processes to start, the note saying why it was lowered or
+    None)."""
+    if requested <= cpus:
+        return requested, None
+    return cpus, (f"--num_workers {requested} lowered to {cpus}: this process may use {cpus} CPU(s), and more "
+                  "loader processes than CPUs only take turns with the training and with each other")
+
+
+def cpu_training_warning(parameters: int, device_type: str) -> str | None:
+    """The warning for training a model of `BIG_MODEL_PARAMETERS` or more on a CPU, else None."""
+    if device_type != "cpu" or parameters < BIG_MODEL_PARAMETERS:
+        return None
+    return (f"training a {parameters / 1e6:.0f}M-parameter model on the CPU: each step takes seconds to minutes and "
+            "a run days to years; train it on GPUs, or choose --model transdiff_tiny for a CPU (docs/training.md, "
+            "your own data)")
+
+
+def small_data_warning(parameters: int, examples: int) -> str | None:
+    """The warning for a model of `BIG_MODEL_PARAMETERS` or more on fewer than `SMALL_TRAINING_SET` examples."""
+    if parameters < BIG_MODEL_PARAMETERS or examples >= SMALL_TRAINING_SET:
+        return None
+    return (f"{examples} training examples for a {parameters / 1e6:.0f}M-parameter model: it will memorise them "
+            "rather than learn to draw new ones; --model transdiff_tiny suits a few hundred images, or start from a "
+            "released model (docs/training.md, your own data)")

@@ -9,6 +9,7 @@ from PIL import Image
 
 import quickstart
 from tests.support import REPO_ROOT
+from util.eval.images import grid_zoom
 
 
 def test_small_quickstart_leaves_checkpoint_samples_grid_and_metrics(tmp_path):
@@ -35,7 +36,7 @@ def test_small_quickstart_leaves_checkpoint_samples_grid_and_metrics(tmp_path):
     records = json.loads((out / "metrics.json").read_text())
     assert [record["cfg"] for record in records] == [1.0, 3.0]
 
-    side = quickstart.GRID_ZOOM * (quickstart.GRID_PER_CLASS * (quickstart.IMG_SIZE + 2) + 2)  # 2 px padding
+    side = grid_zoom(quickstart.IMG_SIZE) * (quickstart.GRID_PER_CLASS * (quickstart.IMG_SIZE + 2) + 2)  # 2 px padding
     with Image.open(out / "samples_grid.png") as grid:
         assert grid.size == (side, side)
     assert f"best cfg {report['best_cfg']:g}" in result.stdout

@@ -13,7 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import main
-from engine_transdiff import TrainingMonitor, decode_images
+from engine_transdiff import TrainingMonitor
 from models.noise import PerImageNoise
 from models.samplers import run_sampler
 from models.transdiff import transdiff_base, transdiff_large
@@ -24,7 +24,7 @@ from tests.support.tiny_runs import LABELS, tiny_model, training_images
 from util import distributed as dist
 from util import run_state
 from util.checkpoint import load_checkpoint
-from util.execution.precision import resolve_precision
+from util.execution.precision import decode_images, resolve_precision
 from util.execution.wrap import compile_blocks
 from util.optim import EMA, build_grad_scaler, build_optimizer
 

@@ -5,7 +5,9 @@ Tensors here are uint8 ``[N, 3, H, W]`` (RGB) unless stated; model outputs are f
 """
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,10 @@ from PIL import Image
 from torchvision.utils import make_grid
 
 from util.data.rgb import as_rgb
-from util.eval.layout import image_class
+from util.eval.layout import class_indices, image_class, image_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+MIN_GRID_CELL = 64  # px: grids show smaller images zoomed (nearest neighbour) to at least this side
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -30,6 +33,28 @@ def image_grid(images: torch.Tensor, per_row: int, scale: int = 2) -> Image.Imag
     grid = make_grid(images, nrow=per_row, padding=2, pad_value=128)  # [3, H', W']
     picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def grid_zoom(img_size: int, min_cell: int = MIN_GRID_CELL) -> int:
+    """The whole-number zoom that shows an `img_size`-pixel image at least `min_cell` pixels wide (1: an image
+    that large is shown as it is)."""
+    return max(1, math.ceil(min_cell / img_size))
+
+
+def zoomed_grid(images: torch.Tensor, per_row: int) -> Image.Image:
+    """`image_grid` of uint8 images [N, 3, H, W], zoomed by `grid_zoom` of their smaller side: the one rule of
+    every grid we write (evaluations, previews, the quickstart's samples)."""
+    return image_grid(images, per_row, scale=grid_zoom(min(images.shape[-2:])))
+
+
+def evaluation_grid(folder: str | os.PathLike, num_images: int, class_num: int, classes: Sequence[int],
+                    per_class: int) -> Image.Image:
+    """A `zoomed_grid` of an evaluation folder: one row per class of `classes`, its first `per_class` images (all
+    of them when it has fewer). Reads those PNGs alone, not the folder."""
+    per_class = min(per_class, num_images // class_num)
+    paths = [Path(image_path(os.fspath(folder), index)) for label in classes
+             for index in class_indices(label, num_images, class_num)[:per_class]]
+    return zoomed_grid(_stack(paths, folder), per_class)  # rows of [per_class] images
 
 
 def constant_images(pixels: np.ndarray) -> int:

@@ -100,6 +100,16 @@ def image_class(index: int, num_images: int, class_num: int) -> int:
     return index // (num_images // class_num)
 
 
+def class_indices(label: int, num_images: int, class_num: int) -> range:
+    """The indices of class `label`'s images, in order (the inverse of `image_class`)."""
+    if num_images % class_num != 0:
+        raise ValueError(f"num_images ({num_images}) must be a multiple of class_num ({class_num})")
+    if not 0 <= label < class_num:
+        raise IndexError(f"class {label} outside [0, {class_num})")
+    per_class = num_images // class_num
+    return range(label * per_class, (label + 1) * per_class)
+
+
 def image_key(seed: int, index: int) -> int:
     """The 128-bit Philox key of evaluation image `index` under `--seed`: the seed (mod 2**64) in the high 64 bits,
     the index in the low 64, so that no two (seed, index) pairs share a key."""

@@ -20,7 +20,12 @@ from typing import Callable, ContextManager
 
 import torch
 
+from models.tokenizers import decode_from_latents
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Images per VAE decode call: the decoder's full-resolution activations grow with the batch and dominate an
+# evaluation's memory at --eval_bsz 256 (docs/gpu.md), so a batch is decoded in slices of this many.
+DECODE_CHUNK = 32
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -55,6 +60,14 @@ def uses_grad_scaler(precision: str) -> bool:
 def decode_precision(precision: str) -> str:
     """The VAE decode's precision: bf16 under bf16, float32 otherwise (never float16)."""
     return "bf16" if precision == "bf16" else "fp32"
+
+
+def decode_images(tokenizer, latents: torch.Tensor, precision: str, device: torch.device) -> torch.Tensor:
+    """Latents [B, C, h, w] -> images [B, 3, H, W] in [-1, 1], `DECODE_CHUNK` at a time, in the decode precision
+    (`decode_precision`: never float16)."""
+    in_bf16 = decode_precision(precision) == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=in_bf16):  # off also inside a sampling context
+        return torch.cat([decode_from_latents(tokenizer, part) for part in latents.split(DECODE_CHUNK)])
 
 
 def configure_cuda_backends(tf32: bool) -> None:

@@ -4,6 +4,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import main
 from tests.support.runs import write_image_folder
+from util.eval.images import grid_zoom
 
 TINY = ("--model transdiff_tiny --tokenizer pixel --vae_stride 2 --vae_embed_dim 12 --img_size 16 --class_num 3 "
         "--buffer_size 4 --device cpu --num_workers 0 --batch_size 8 --blr 1e-3").split()
@@ -17,7 +18,8 @@ def test_one_preview_png_and_tensorboard_image_per_epoch(tmp_path):
     previews = sorted(p.name for p in (out / "previews").glob("*.png"))
     assert previews == ["epoch0000.png", "epoch0001.png", "epoch0002.png"]
     with Image.open(out / "previews" / "epoch0002.png") as grid:
-        assert grid.size == (2 * 18 + 2, 3 * 18 + 2)  # 2 columns, 3 rows of 16 px with 2 px padding
+        assert grid_zoom(16) == 4  # 16 px images are shown 64 px wide
+        assert grid.size == (4 * (2 * 18 + 2), 4 * (3 * 18 + 2))  # 2 columns, 3 rows of 16 px with 2 px padding
     events = EventAccumulator(str(out), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("preview")] == [0, 1, 2]

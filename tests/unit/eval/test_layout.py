@@ -15,6 +15,7 @@ from util.eval.layout import (
     NOISE,
     Evaluation,
     claim_folder,
+    class_indices,
     identity_digest,
     image_class,
     image_key,
@@ -32,6 +33,16 @@ def test_class_major_order():
         image_class(0, 50001, 1000)
     with pytest.raises(IndexError):
         image_class(50000, 50000, 1000)
+
+
+def test_class_indices_invert_the_class_major_order():
+    assert [list(class_indices(label, 6, 3)) for label in range(3)] == [[0, 1], [2, 3], [4, 5]]
+    assert all(image_class(index, 12, 4) == label for label in range(4) for index in class_indices(label, 12, 4))
+    with pytest.raises(ValueError, match="multiple of class_num"):
+        class_indices(0, 7, 3)
+    for label in (-1, 3):
+        with pytest.raises(IndexError, match=f"class {label} outside"):
+            class_indices(label, 6, 3)
 
 
 def test_the_noise_key_holds_the_seed_and_the_index_whole():

@@ -3,11 +3,12 @@ and --tf32 touching matrix products only (CUDA mocked where a GPU is needed)."""
 import pytest
 import torch
 
-from engine_transdiff import DECODE_CHUNK, decode_images
 from models.tokenizers import PixelTokenizer, decode_from_latents
 from util.execution.precision import (
+    DECODE_CHUNK,
     autocast_context,
     configure_cuda_backends,
+    decode_images,
     decode_precision,
     resolve_precision,
     uses_grad_scaler,

@@ -10,21 +10,25 @@ import pytest
 import torch
 from torch.distributed.run import get_args_parser as torchrun_parser
 
+import demo_page
 import main
 import main_cache
 import quickstart
 from tests.support import REPO_ROOT
+from tests.support.docs import page_commands
 from tools import build_mrar_index, digits_metrics, download, make_fid_stats
 from util.settings import get_args_parser, resolve_args, resolve_device
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import compare  # noqa: E402
+import digits_finetune  # noqa: E402
 import digits_sweep  # noqa: E402
 import production  # noqa: E402
 
 PAGES = ["README.md", "fid_stats/README.md", *sorted(p.relative_to(REPO_ROOT).as_posix()
                                                      for p in (REPO_ROOT / "docs").glob("*.md"))]
 PARSERS = {  # script -> its argument parser
+    "demo_page.py": demo_page.get_args_parser,
     "main_cache.py": main_cache.get_args_parser,
     "quickstart.py": quickstart.get_args_parser,
     "tools/download.py": download.build_parser,
@@ -32,28 +36,13 @@ PARSERS = {  # script -> its argument parser
     "tools/build_mrar_index.py": build_mrar_index.get_args_parser,
     "tools/digits_metrics.py": digits_metrics.get_args_parser,
     "benchmarks/compare.py": compare.get_args_parser,
+    "benchmarks/digits_finetune.py": digits_finetune.get_args_parser,
     "benchmarks/digits_sweep.py": digits_sweep.get_args_parser,
     "benchmarks/production.py": production.get_args_parser,
 }
 SHELL_SCRIPTS = ("scripts/quickstart.sh", "scripts/test.sh", "scripts/gpu_check.sh", "scripts/mutation.sh",
                  "benchmarks/gpu.sh")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
-
-
-def page_commands(page: str) -> list[str]:
-    """The commands of a page: each line of its ```bash blocks (continuations joined, comments dropped, `&&`
-    split), and each inline code span that starts with python, bash or torchrun."""
-    text = (REPO_ROOT / page).read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            if line and not line.startswith("#"):
-                commands += [part.strip() for part in line.split("&&")]
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)
-    commands += [" ".join(span.split()) for span in
-                 re.findall(r"`((?:python3?|bash|torchrun|\.venv/bin/python)\s[^`]*)`", prose)]
-    return commands
 
 
 ALL = [(page, command) for page in PAGES for command in page_commands(page)]
@@ -97,6 +86,18 @@ def check_script(script: str, argv: list[str]) -> None:
         assert set(args.names) <= set(download.REGISTRY), args.names
 
 
+CPU_WHEELS = "https://download.pytorch.org/whl/cpu"  # PyTorch's index of CPU-only builds
+
+
+def check_cpu_wheels(rest: list[str]) -> None:
+    """`pip install torch==V torchvision==W --index-url <CPU_WHEELS>`, with requirements.txt's versions."""
+    lines = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+    assert rest[0] == "install" and rest[rest.index("--index-url") + 1] == CPU_WHEELS, rest
+    wanted = [word.split("==") for word in rest[1:] if "==" in word]
+    assert wanted and all(pins.get(name) == version for name, version in wanted), (wanted, pins)
+
+
 def check_command(command: str) -> None:
     words = argv_of(command)
     program, rest = words[0], words[1:]
@@ -110,7 +111,10 @@ def check_command(command: str) -> None:
         launch = torchrun_parser().parse_args(rest)
         check_script(launch.training_script, launch.training_script_args)
     elif program in (".venv/bin/pip", "pip"):
-        assert rest[:2] == ["install", "-r"] and (REPO_ROOT / rest[2]).is_file(), command
+        if rest[:2] == ["install", "-r"]:
+            assert (REPO_ROOT / rest[2]).is_file(), command
+        else:
+            check_cpu_wheels(rest)
     elif program == "conda":
         if rest[:2] == ["env", "create"]:
             assert (REPO_ROOT / rest[rest.index("-f") + 1]).is_file()
@@ -137,3 +141,13 @@ def test_an_unknown_command_fails_this_test():
         check_command("make everything")
     with pytest.raises(AssertionError, match="no parser known"):
         check_command("python tests/conftest.py --x")
+
+
+def test_a_cpu_only_install_must_pin_the_requirements_versions():
+    torch_pin = next(line for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                     if line.startswith("torch=="))
+    check_command(f"pip install {torch_pin} --index-url {CPU_WHEELS}")
+    with pytest.raises(AssertionError):
+        check_command(f"pip install torch==2.0.0 --index-url {CPU_WHEELS}")
+    with pytest.raises(AssertionError):
+        check_command(f"pip install {torch_pin} --index-url https://example.org/simple")

@@ -1,14 +1,16 @@
 """The house's rules, read from the code itself: models/ holds the math alone, run settings stop at the
-orchestrators, the project's modules import each other without a cycle, and no dependency outside the allowed."""
+orchestrators, the project's modules import each other without a cycle, no dependency outside the allowed, and no
+file cites a document outside the repository."""
 import ast
 import re
+import subprocess
 
 import pytest
 
 from tests.support import REPO_ROOT
 
 ROOMS = ("models", "util", "digits", "tools")
-TOP_LEVEL = ("main", "main_cache", "engine_transdiff", "quickstart")
+TOP_LEVEL = ("main", "main_cache", "engine_transdiff", "quickstart", "demo_page")
 
 
 def project_modules() -> dict:
@@ -126,3 +128,44 @@ def test_every_script_reports_an_expected_failure_in_one_line():
         calls = {getattr(node.func, "id", None) for statement in body for node in ast.walk(statement)
                  if isinstance(node, ast.Call)}
         assert "run_cli" in calls or "cli" in calls, name
+
+
+# Documents that live beside the repository, not in it (the project's working notes, its specification, its house
+# style): a tracked file that cites one points its reader at nothing. Written so that this file does not match.
+OUTSIDE_REFERENCES = re.compile(r"\.\./shared|shared[/]notes|(?<![\w-])notes[/]|SPEC\.md|STYLE\.md|DEVELOPERS\.md|"
+                                r"paper\sdigest")
+
+
+def tracked_text_files() -> list:
+    """The repository's tracked files that are text (`git ls-files`)."""
+    try:
+        listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"not a git checkout ({error})")
+    files = []
+    for name in filter(None, listed.decode().split("\0")):
+        try:
+            files.append((name, (REPO_ROOT / name).read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, FileNotFoundError, IsADirectoryError):  # binary, or deleted in the work tree
+            continue
+    return files
+
+
+@pytest.mark.parametrize("head,tail", [  # each example split in two, so that this file does not match
+    ("see ../sha", "red/digits.md"), ("(shared/no", "tes/digits-feasibility.md)"), ("see no", "tes/digits.md"),
+    ("SPEC.", "md §2"), ("the house STYLE.", "md"), ("DEVELOPERS.", "md"), ("(paper dig", "est §4)")])
+def test_a_reference_outside_the_repository_is_recognised(head, tail):
+    assert OUTSIDE_REFERENCES.search(head + tail)
+
+
+@pytest.mark.parametrize("line", ["docs/training.md", "footnotes/a.md", "release notes", "tests/golden/README.md"])
+def test_references_inside_the_repository_are_not_flagged(line):
+    assert not OUTSIDE_REFERENCES.search(line)
+
+
+def test_no_tracked_file_cites_a_document_outside_the_repository():
+    files = tracked_text_files()
+    assert any(name == "README.md" for name, _ in files)
+    cited = [f"{name}:{number}: {line.strip()}" for name, text in files
+             for number, line in enumerate(text.splitlines(), start=1) if OUTSIDE_REFERENCES.search(line)]
+    assert not cited, "cite in-repository files instead:\n" + "\n".join(cited)

@@ -5,7 +5,7 @@ from tests.support import REPO_ROOT
 
 ROOT = REPO_ROOT
 ALLOWED = {"torch", "torchvision", "timm", "numpy", "scipy", "pillow", "tqdm", "torch-fidelity", "tensorboard",
-           "scikit-learn"}
+           "scikit-learn", "huggingface_hub"}
 
 
 def pins(lines):
