@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.transdiff import transdiff_tiny
+from tests.support import REPO_ROOT
 from tests.support.tiny_runs import TINY
 from util import run_state
 from util.checkpoint import adapt_state_dict, check_fits, save_checkpoint, trained_with
@@ -180,3 +181,13 @@ def test_resume_of_another_class_count_explains_init_from(tmp_path):
         "--class_num 5",
         f"to finetune it onto your own 3 classes, start a new run with --init_from {path} (and --class_map FILE to "
         "start classes from pretrained ones; docs/finetuning.md)"]
+
+
+def test_the_class_map_of_the_finetuning_page_gives_the_rows_its_log_shows(tmp_path):
+    page = (REPO_ROOT / "docs" / "finetuning.md").read_text()
+    block = next(b for b in re.findall(r"```\n(.*?)```", page, re.S) if b.startswith("# class_map.txt"))
+    (tmp_path / "class_map.txt").write_text(block)
+    folders = ["beagle", "golden", "heron", "kestrel", "lynx", "my_cat", "otter", "puffin", "quokka", "wren"]
+    rows = read_class_map(str(tmp_path / "class_map.txt"), folders)
+    assert rows == {0: 162, 1: 207, 5: 281}
+    assert "3 row(s) copied from pretrained classes (0<-162, 1<-207, 5<-281), 7 initialised as in training" in page
