@@ -12,7 +12,6 @@ from tqdm import tqdm
 from models.tokenizers import encode_to_latents, latents_from_moments
 from util import distributed as dist
 from util.checkpoint import first_non_finite
-from util.data.datasets import cached_latent_path, write_cached_latent
 from util.errors import RunError
 from util.eval.fidelity import MissingMetricFile
 from util.eval.images import constant_images, evaluation_grid, is_constant_png, to_uint8, zoomed_grid
@@ -394,15 +393,16 @@ def preview(net, tokenizer, args, epoch, device, context, writer) -> str:
 
 # ---------------------------------------------------------------------------------------------- caching
 @torch.no_grad()
-def cache_latents(tokenizer, loader, device, cached_path, image_root, logger) -> int:
-    """Write the posterior moments of every image and of its horizontal flip; returns the count written."""
-    written = 0
+def cache_latents(tokenizer, loader, device, writer, logger) -> int:
+    """Hand the posterior moments of every image and of its horizontal flip to `writer`
+    (`util.data.latent_cache`: `add(paths, moments, moments_flip)`, then `close()`); returns the count cached."""
+    cached = 0
     metrics = MetricLogger(print_fn=logger.info)
     for images, _, paths in metrics.log_every(loader, PRINT_FREQ, "Caching:"):
         images = images.to(device, non_blocking=True)
         moments = tokenizer.encode(images).parameters  # [B, 2C, h, w]
-        moments_flip = tokenizer.encode(images.flip(dims=[3])).parameters
-        for path, m, m_flip in zip(paths, moments.cpu(), moments_flip.cpu()):
-            write_cached_latent(cached_latent_path(cached_path, image_root, path), m, m_flip)
-            written += 1
-    return written
+        moments_flip = tokenizer.encode(images.flip(dims=[3])).parameters  # [B, 2C, h, w]
+        writer.add(paths, moments.cpu(), moments_flip.cpu())
+        cached += len(paths)
+    writer.close()
+    return cached

@@ -19,7 +19,8 @@ from util import distributed as dist
 from util import pretrained, run_state
 from util.data.class_map import read_class_map
 from util.data.crops import train_transform
-from util.data.datasets import CachedLatentFolder, ImageFolderWithChecks, MRARDataset
+from util.data.datasets import ImageFolderWithChecks, MRARDataset
+from util.data.latent_cache import CachedMRARDataset, open_latent_cache
 from util.data.order import ResumableSampler, SeededSamples, epoch_loader_seed
 from util.errors import run_cli
 from util.execution.flops import peak_flops, training_flops_per_image
@@ -81,7 +82,9 @@ def build_train_loader(args, device, num_workers: int):
     the loader's processes (`loader_workers`)."""
     train_root = os.path.join(args.data_path, "train")
     if args.use_cached:
-        dataset = CachedLatentFolder(args.cached_path, hflip=args.hflip)
+        dataset = open_latent_cache(args.cached_path, hflip=args.hflip)
+        if args.mrar:
+            dataset = CachedMRARDataset(dataset, args.mrar_index)
     elif args.mrar:
         dataset = MRARDataset(train_root, args.mrar_index, transform=train_transform(args.img_size, hflip=args.hflip))
     else:

@@ -2,7 +2,9 @@
 # TransDiff-B and -L on one CUDA GPU: the model alone, eager against compiled (compare.py: training and sampling
 # images/s, model TFLOP/s and MFU, peak memory), then what a user gets (production.py: main.py's whole training
 # and evaluation paths through a 1-rank torchrun). Batches as in the original README: training 32 per GPU with
-# diffusion_batch_mul 4, sampling --eval_bsz 256 at cfg 1.5 and 100 steps. Not yet run on a GPU (docs/gpu.md).
+# diffusion_batch_mul 4, sampling --eval_bsz 256 at cfg 1.5 and 100 steps. Last, the memory prediction of a
+# training step against the caching allocator's allocated and reserved peaks (memory.py --check; docs/gpu.md,
+# "Memory"). Not yet run on a GPU (docs/gpu.md).
 #
 #     bash benchmarks/gpu.sh [python]        # default: .venv/bin/python if present, else python3
 set -euo pipefail
@@ -13,4 +15,7 @@ for model in transdiff_base transdiff_large; do
   "$PYTHON" benchmarks/compare.py --pair eager,compiled --model "$model" --device cuda --precision bf16 --rounds 1 \
     --train_batch 32 --train_steps 10 --sample_batches 256 --sample_steps 10
   "$PYTHON" benchmarks/production.py --model "$model" --device cuda
+done
+for model in transdiff_base transdiff_large; do
+  "$PYTHON" benchmarks/memory.py --check --device cuda --model "$model" --batch_size 16 --precision bf16
 done

@@ -194,15 +194,17 @@ def _model_for_width() -> dict[int, str]:
     return widths
 
 
-def _adapt(weights: dict, target: dict, checkpoint: dict, path: str, class_rows: dict | None) -> tuple[dict, list[str]]:
-    """`adapt_state_dict`, its refusal naming the file and the settings the checkpoint was trained with; a
-    checkpoint of another class count that is not being finetuned from points to ``--init_from``."""
+def _adapt(weights: dict, target: dict, checkpoint: dict, path: str, class_rows: dict | None,
+           training: bool) -> tuple[dict, list[str]]:
+    """`adapt_state_dict`, its refusal naming the file and the settings the checkpoint was trained with; a training
+    run given a checkpoint of another class count to continue (not to finetune from) is pointed to ``--init_from``."""
     try:
         return adapt_state_dict(weights, target, _model_for_width(), class_rows)
     except ValueError as error:
         message = f"{path}: {error}\n{trained_with(checkpoint)}"
         source, model = weights.get(CLASS_EMBEDDING), target.get(CLASS_EMBEDDING)
-        if class_rows is None and source is not None and model is not None and source.shape[0] != model.shape[0]:
+        other_classes = source is not None and model is not None and source.shape[0] != model.shape[0]
+        if training and class_rows is None and other_classes:
             message += (f"\nto finetune it onto your own {model.shape[0]} classes, start a new run with --init_from "
                         f"{path} (and --class_map FILE to start classes from pretrained ones; docs/finetuning.md)")
         raise ValueError(message) from None
@@ -276,9 +278,9 @@ def restore(run: RunSettings, model, ema, optimizer, scaler, logger) -> Restored
     check_finite(raw_ema, f"{path} ({ema_source})")
     target = model.state_dict()
     class_rows = _class_rows(run, raw, target) if initialising else None
-    weights, report = _adapt(raw, target, checkpoint, path, class_rows)
+    weights, report = _adapt(raw, target, checkpoint, path, class_rows, training=not run.evaluate)
     model.load_state_dict(weights, strict=True)
-    ema.load_state_dict(_adapt(raw_ema, target, checkpoint, path, class_rows)[0])
+    ema.load_state_dict(_adapt(raw_ema, target, checkpoint, path, class_rows, training=not run.evaluate)[0])
     for line in report:
         logger.info(f"adapted: {line}")
     epoch = _stored_epoch(checkpoint, path)

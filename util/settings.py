@@ -343,8 +343,6 @@ def resolve_args(args):
         raise SettingsError(f"--mrar needs --patch_size 2 (got {args.patch_size}): the references are 2x2-patched "
                             "latents. The original README's MRAR commands pass --patch_size 1 from an older code "
                             "version; the authors later changed them to --patch_size 2.")
-    if args.mrar and args.use_cached:
-        raise SettingsError("--use_cached is not supported with --mrar (MRAR reads 4 images per example)")
     if args.use_cached and not args.cached_path:
         raise SettingsError("--use_cached needs --cached_path (the folder written by main_cache.py)")
     if args.init_from and (args.resume or args.evaluate):

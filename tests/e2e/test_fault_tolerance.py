@@ -16,6 +16,7 @@ import torch
 from tests.support import REPO_ROOT, preloaded
 from tests.support.runs import ENV, EVAL, TINY, eval_folder, pngs, run, write_image_folder
 from util.checkpoint import load_checkpoint
+from util.data.latent_cache import complete_shards, open_latent_cache
 
 # 24 images, batch 2: 12 batches per epoch on one rank.
 FAST = [*TINY, "--batch_size", 2, "--save_last_freq", 1]
@@ -235,16 +236,20 @@ def test_caching_with_a_late_rank_caches_every_image(tmp_path, data):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(skew), "--tokenizer", "pixel", "--vae_stride", "2", "--vae_embed_dim", "12",
                              "--img_size", "16", "--data_path", str(data), "--cached_path", str(cache),
-                             "--device", "cpu", "--num_workers", "0", "--batch_size", "5"],
+                             "--device", "cpu", "--num_workers", "0", "--batch_size", "5", "--shard_images", "5"],
                             cwd=REPO_ROOT, env={**ENV, "PYTHONPATH": str(REPO_ROOT)}, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(list(cache.rglob("*.npz"))) == 24
+    shards = complete_shards(str(cache / "shards"))
+    assert sorted(len(shard.images) for shard in shards) == [2, 2, 5, 5, 5, 5]  # each rank: 12 images
+    assert len(open_latent_cache(str(cache))) == 24
     assert json.loads((cache / "classes.json").read_text()) == ["ants", "bees", "cats"]
-    (cache / "cats" / "0.png.npz").unlink()
+    for suffix in (".npy", ".json"):
+        (cache / "shards" / f"{shards[0].name}{suffix}").unlink()
     lazy_writer = "import sys, main_cache; main_cache.cache_latents = lambda *args: 0; main_cache.cli(sys.argv[1:])"
     result = subprocess.run([sys.executable, "-c", lazy_writer, "--tokenizer", "pixel", "--vae_stride", "2",
                              "--vae_embed_dim", "12", "--img_size", "16", "--data_path", str(data),
                              "--cached_path", str(cache), "--device", "cpu", "--num_workers", "0"],
                             cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "1 of 24 images" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1 and f"{len(shards[0].images)} of 24 images" in result.stderr
+    assert "Traceback" not in result.stderr

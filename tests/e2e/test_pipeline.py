@@ -252,8 +252,9 @@ def test_missing_metric_files_keep_images_or_fail_when_required(tmp_path, traine
 
 # --------------------------------------------------------------------------------------------- cached and MRAR
 def test_cached_latents_then_training(tmp_path, data):
+    """The per-image layout (the sharded one: tests/e2e/test_latent_cache.py)."""
     cache = tmp_path / "cache"
-    run(["--tokenizer", "pixel", "--vae_stride", 2, "--vae_embed_dim", 12, "--img_size", 16,
+    run(["--tokenizer", "pixel", "--vae_stride", 2, "--vae_embed_dim", 12, "--img_size", 16, "--cache_format", "files",
          "--data_path", data, "--cached_path", cache, "--device", "cpu", "--num_workers", 0, "--batch_size", 5],
         script="main_cache.py")
     files = sorted(cache.rglob("*.npz"))

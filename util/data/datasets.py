@@ -7,7 +7,10 @@ table; for ImageNet's ``train/`` this is the standard sorted-synset order.
 Layouts::
 
     <data_path>/train/<class>/<image>                  ImageFolderWithChecks, MRARDataset
-    <cached_path>/<class>/<image file name>.npz        CachedLatentFolder ('moments', 'moments_flip')
+    <cached_path>/<class>/<image file name>.npz        CachedLatentFolder ('moments', 'moments_flip'): the
+                                                       per-image cache (`main_cache.py --cache_format files`)
+
+The sharded latent cache, and MRAR groups read from either cache, are `util.data.latent_cache`'s.
 """
 from __future__ import annotations
 
@@ -138,16 +141,22 @@ class ImageFolderWithChecks(ImageFolder):
         raise UnreadableImage(f"no readable image in {self.root}")
 
 
+def image_key(image_root: str, image_path: str) -> str:
+    """An image's name in a latent cache (either layout): its path relative to ``image_root``, ``/``-separated,
+    e.g. ``n01440764/x.JPEG``."""
+    relative = os.path.relpath(os.path.abspath(image_path), os.path.abspath(image_root))
+    if relative.startswith(os.pardir):
+        raise ValueError(f"image {image_path} is not inside the image folder {image_root}")
+    return relative.replace(os.sep, "/")
+
+
 def cached_latent_path(cached_root: str, image_root: str, image_path: str) -> str:
-    """Cache file of an image: ``<cached_root>/<path relative to image_root>.npz``.
+    """Cache file of an image in the per-image layout: ``<cached_root>/<path relative to image_root>.npz``.
 
     ``train/n01440764/x.JPEG`` with ``image_root=train`` maps to ``<cached_root>/n01440764/x.JPEG.npz``,
     the original's naming. Used by the cache writer; :class:`CachedLatentFolder` reads that layout.
     """
-    relative = os.path.relpath(os.path.abspath(image_path), os.path.abspath(image_root))
-    if relative.startswith(os.pardir):
-        raise ValueError(f"image {image_path} is not inside the image folder {image_root}")
-    return os.path.join(cached_root, relative + ".npz")
+    return os.path.join(cached_root, *image_key(image_root, image_path).split("/")) + ".npz"
 
 
 def write_cached_latent(path: str, moments: torch.Tensor | np.ndarray,
@@ -189,6 +198,12 @@ def recorded_classes(path: str) -> list[str]:
     return classes
 
 
+def draw_mirror(generator: torch.Generator | None, hflip: bool) -> bool:
+    """Whether a cached item takes the moments of its image's mirror: 50/50, drawn from ``generator`` (None:
+    torch's global RNG), and never (nothing drawn) with ``hflip=False``."""
+    return hflip and torch.rand((), generator=generator).item() >= 0.5
+
+
 class CachedLatentFolder(DatasetFolder):
     """Cached VAE moments written by ``main_cache.py``: ``(moments [2C, h, w], label)``.
 
@@ -220,12 +235,45 @@ class CachedLatentFolder(DatasetFolder):
             return find_class_folders(directory)
         return self._fixed_classes, {name: index for index, name in enumerate(self._fixed_classes)}
 
+    @property
+    def keys(self) -> list[str]:
+        """Each sample's image, as its path relative to the image folder (``/``-separated): its cache file's path
+        relative to the cache, less ``.npz``."""
+        return [os.path.relpath(path, self.root)[:-len(".npz")].replace(os.sep, "/") for path, _ in self.samples]
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
         data = self.loader(path)
-        use_original = not self.hflip or torch.rand((), generator=self.generator).item() < 0.5
-        moments = data[MOMENTS_KEY] if use_original else data[MOMENTS_FLIP_KEY]
+        moments = data[MOMENTS_FLIP_KEY] if draw_mirror(self.generator, self.hflip) else data[MOMENTS_KEY]
         return torch.from_numpy(moments), target
+
+
+def read_mrar_index(index_file: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """The groups of an MRAR index (JSON lines ``{"cate": ..., "files": [f0, f1, f2, f3, ...]}``):
+    ``(where, cate, (f0, f1, f2, f3))`` per non-blank line, ``where`` being ``<file>:<line>`` for messages. A
+    missing file, a malformed line or a group of fewer than four file names raises, naming the line."""
+    if not os.path.isfile(index_file):
+        raise FileNotFoundError(f"MRAR index file not found: {index_file} (build one with tools/build_mrar_index.py)")
+    groups = []
+    with open(index_file, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{index_file}:{line_number}"
+            try:
+                entry = json.loads(line)
+                cate, files = entry["cate"], entry["files"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(f"{where}: expected {{\"cate\": ..., \"files\": [...]}}, got "
+                                 f"{line.strip()[:200]!r}") from error
+            if not isinstance(files, list) or len(files) < MRAR_GROUP_SIZE:
+                raise ValueError(f"{where}: needs at least {MRAR_GROUP_SIZE} files, got {files!r}")
+            if not all(isinstance(name, str) for name in files[:MRAR_GROUP_SIZE]):
+                raise ValueError(f"{where}: file names must be strings, got {files[:MRAR_GROUP_SIZE]!r}")
+            groups.append((where, cate, tuple(files[:MRAR_GROUP_SIZE])))
+    if not groups:
+        raise ValueError(f"MRAR index file {index_file} has no entries")
+    return groups
 
 
 class MRARDataset(Dataset):
@@ -243,35 +291,17 @@ class MRARDataset(Dataset):
         self.index_file = index_file
         self.transform = transform
         self.classes, self.class_to_idx = find_class_folders(image_root)
-        if not os.path.isfile(index_file):
-            raise FileNotFoundError(f"MRAR index file not found: {index_file} "
-                                    "(build one with tools/build_mrar_index.py)")
-        self.groups: list[tuple[str, tuple[str, ...], int]] = []
         self._class_files: dict[str, set[str]] = {}
-        with open(index_file, encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    self.groups.append(self._parse(line, line_number))
-        if not self.groups:
-            raise ValueError(f"MRAR index file {index_file} has no entries")
+        self.groups = [self._check(*entry) for entry in read_mrar_index(index_file)]
 
-    def _parse(self, line: str, line_number: int) -> tuple[str, tuple[str, ...], int]:
-        where = f"{self.index_file}:{line_number}"
-        try:
-            entry = json.loads(line)
-            cate, files = entry["cate"], entry["files"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{where}: expected {{\"cate\": ..., \"files\": [...]}}, got {line.strip()[:200]!r}") \
-                from error
+    def _check(self, where: str, cate: str, group: tuple[str, ...]) -> tuple[str, tuple[str, ...], int]:
+        """One index line's group checked against the class folders: ``(cate, files, label)``."""
         if cate not in self.class_to_idx:
             raise ValueError(f"{where}: class {cate!r} is not a class folder of {self.image_root}")
-        if not isinstance(files, list) or len(files) < MRAR_GROUP_SIZE:
-            raise ValueError(f"{where}: needs at least {MRAR_GROUP_SIZE} files, got {files!r}")
-        group = tuple(files[:MRAR_GROUP_SIZE])
         if cate not in self._class_files:  # one listing per class: no stat() per file on a network filesystem
             self._class_files[cate] = set(os.listdir(os.path.join(self.image_root, cate)))
         for name in group:
-            if not isinstance(name, str) or name not in self._class_files[cate]:
+            if name not in self._class_files[cate]:
                 raise ValueError(f"{where}: {name!r} is not a file of the class folder "
                                  f"{os.path.join(self.image_root, cate)} (a group holds images of its own class)")
         return cate, group, self.class_to_idx[cate]

@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import compare  # noqa: E402
 import digits_finetune  # noqa: E402
 import digits_sweep  # noqa: E402
+import memory  # noqa: E402
 import production  # noqa: E402
 
 PAGES = ["README.md", "fid_stats/README.md", *sorted(p.relative_to(REPO_ROOT).as_posix()
@@ -38,6 +39,7 @@ PARSERS = {  # script -> its argument parser
     "benchmarks/compare.py": compare.get_args_parser,
     "benchmarks/digits_finetune.py": digits_finetune.get_args_parser,
     "benchmarks/digits_sweep.py": digits_sweep.get_args_parser,
+    "benchmarks/memory.py": memory.get_args_parser,
     "benchmarks/production.py": production.get_args_parser,
 }
 SHELL_SCRIPTS = ("scripts/quickstart.sh", "scripts/test.sh", "scripts/gpu_check.sh", "scripts/mutation.sh",

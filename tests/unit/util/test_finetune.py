@@ -181,6 +181,11 @@ def test_resume_of_another_class_count_explains_init_from(tmp_path):
         "--class_num 5",
         f"to finetune it onto your own 3 classes, start a new run with --init_from {path} (and --class_map FILE to "
         "start classes from pretrained ones; docs/finetuning.md)"]
+    evaluation = run_state.RunSettings(str(tmp_path / "run"), flags={**FLAGS, "class_num": 3}, resume=str(path),
+                                       evaluate=True)
+    with pytest.raises(ValueError) as refused:
+        restore(evaluation, tiny(3, seed=2))
+    assert "pass --class_num 5" in str(refused.value) and "--init_from" not in str(refused.value)
 
 
 def test_the_class_map_of_the_finetuning_page_gives_the_rows_its_log_shows(tmp_path):
