@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import math
 import threading
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from models.samplers import SAMPLERS
 from util.data.class_map import imagenet_classes
 from util.distributed import resolve_device_type
 from util.errors import RunError, run_cli
-from util.eval.images import image_grid
+from util.eval.images import grid_zoom, image_grid
 from util.presets import SAMPLING_PRESETS
 from util.pretrained import Pipeline, load_checkpoint_model, load_pretrained
 
@@ -119,7 +118,7 @@ def class_names(pipe: Pipeline) -> list[str]:
 
 def png_data_uri(images: np.ndarray, per_row: int) -> str:
     """uint8 images [N, H, W, 3] as one PNG grid (enlarged to at least MIN_SHOWN_PX per image), as a data: URI."""
-    scale = max(1, math.ceil(MIN_SHOWN_PX / images.shape[1]))
+    scale = grid_zoom(images.shape[1], MIN_SHOWN_PX)
     grid = image_grid(torch.from_numpy(images).permute(0, 3, 1, 2), per_row, scale=scale)  # from [N, 3, H, W]
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")

@@ -160,16 +160,17 @@ def finetune_start(args, dataset) -> tuple[str, dict | None]:
     Rank 0 resolves the weights first (a released name is downloaded once), then the others find them."""
     if not args.init_from or os.path.isfile(run_state.checkpoint_path(args.output_dir, run_state.LAST)):
         return "", None
-    refusal = None
+    path = refusal = None
     if dist.is_main_process():
         try:
-            pretrained.weights_file(args.init_from, args.load_step)
+            path = pretrained.weights_file(args.init_from, args.load_step)
         except (OSError, ValueError, RuntimeError) as error:
             refusal = f"--init_from {error}"
     refusal = dist.broadcast_object(refusal)
     if refusal:
         raise SettingsError(refusal)
-    path = pretrained.weights_file(args.init_from, args.load_step)
+    if path is None:  # the other ranks, once rank 0 has the file
+        path = pretrained.weights_file(args.init_from, args.load_step)
     if not args.class_map:
         return path, None
     try:

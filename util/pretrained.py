@@ -29,7 +29,7 @@ from util.eval.images import to_uint8
 from util.eval.layout import image_noise
 from util.execution.precision import autocast_context, decode_images, resolve_precision
 from util.presets import SAMPLING_PRESETS
-from util.run_state import checkpoint_path
+from util.run_state import find_resume_checkpoint
 
 # Constructor arguments of a TransDiff that come from flags of the same name.
 MODEL_FLAGS = ("img_size", "patch_size", "vae_embed_dim", "vae_stride", "label_drop_prob", "class_num",
@@ -138,11 +138,9 @@ def released_settings(name: str) -> dict:
 def weights_file(name_or_path: str, load_step: str = "last") -> str:
     """The checkpoint file of ``--init_from``: a file, a run folder's ``checkpoint-<load_step>.pth``, or a released
     model's name (fetched into the Hugging Face cache when missing)."""
-    if os.path.isfile(name_or_path):
-        return name_or_path
-    if os.path.isdir(name_or_path):
-        path = checkpoint_path(name_or_path, load_step)
-        if not os.path.isfile(path):
+    if os.path.exists(name_or_path):
+        path = find_resume_checkpoint(name_or_path, load_step)  # the file, or the folder's checkpoint
+        if path is None:
             raise FileNotFoundError(f"{name_or_path}: no checkpoint-{load_step}.pth in this folder")
         return path
     if name_or_path in SAMPLING_PRESETS:

@@ -13,7 +13,7 @@ import torch
 import quickstart
 from tests.support import REPO_ROOT
 from util import pretrained
-from util.checkpoint import save_checkpoint
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.presets import SAMPLING_PRESETS
 from util.settings import get_args_parser, resolve_args
 
@@ -38,7 +38,7 @@ def folder(tmp_path, monkeypatch):
     (tmp_path / "assets").symlink_to(REPO_ROOT / "assets")
     stand_ins = {False: write_checkpoint(tmp_path / "one_step.pth", "--class_num", "1000"),
                  True: write_checkpoint(tmp_path / "mrar.pth", "--class_num", "1000", "--mrar", "--patch_size", "2")}
-    weights = torch.load(stand_ins[False])["model"]  # the original's format: args pickled as a Namespace
+    weights = load_checkpoint(str(stand_ins[False]))["model"]  # in the original's format: args as a Namespace
     torch.save({"model": weights, "epoch": 9, "args": argparse.Namespace(model="transdiff_tiny")}, "their.pth")
 
     def load_pretrained(name, device="cpu", **overrides):
