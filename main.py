@@ -33,10 +33,9 @@ from util.optim import EMA, build_grad_scaler, build_optimizer
 from util.run_lock import FolderInUse, RunLock
 from util.settings import (
     SettingsError,
-    available_cpus,
-    capped_workers,
     cpu_training_warning,
     get_args_parser,
+    loader_workers,
     resolve_args,
     small_data_warning,
 )
@@ -66,15 +65,6 @@ def build_run_tokenizer(args, device):
     tokenizer = build_tokenizer(args.tokenizer, vae_path=args.vae_path, vae_embed_dim=args.vae_embed_dim,
                                 vae_stride=args.vae_stride, with_weights=not weightless)
     return tokenizer if weightless else tokenizer.to(device)
-
-
-def loader_workers(args, logger) -> int:
-    """`--num_workers`, capped at the CPUs this process may use (`util.settings.capped_workers`), with a note when
-    lowered."""
-    workers, note = capped_workers(args.num_workers, available_cpus())
-    if note:
-        logger.info(note)
-    return workers
 
 
 def build_train_loader(args, device, num_workers: int):
@@ -203,7 +193,7 @@ def training_monitor(args, device, logger) -> engine.TrainingMonitor:
 def train(args, model, ema, tokenizer, device, context, logger):
     optimizer = build_optimizer(model, args.lr, args.weight_decay, device_type=device.type, shard_state=args.zero1)
     scaler = build_grad_scaler(uses_grad_scaler(args.precision), device.type)
-    dataset, sampler, loader = build_train_loader(args, device, loader_workers(args, logger))
+    dataset, sampler, loader = build_train_loader(args, device, loader_workers(args.num_workers, logger))
     check_classes(dataset, args)
     run = run_settings(args, *finetune_start(args, dataset))
     restored = restore_replicas(run, model, ema, optimizer, scaler, logger)

@@ -33,8 +33,7 @@ from util.settings import (
     add_distributed_args,
     add_legacy_args,
     add_tokenizer_args,
-    available_cpus,
-    capped_workers,
+    loader_workers,
 )
 from util.settings import resolve_device as resolve_settings
 
@@ -100,10 +99,8 @@ def main(args):
     todo = dist.broadcast_object(todo)  # decided once, before any rank writes
     listed = dataset.samples  # the whole image folder, scanned once
     dataset.samples = [listed[i] for i in todo[dist.get_rank()::dist.get_world_size()]]  # this rank's share
-    workers, note = capped_workers(args.num_workers, available_cpus())
-    if note:
-        logger.info(note)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                                         num_workers=loader_workers(args.num_workers, logger),
                                          pin_memory=args.pin_mem and info.device.type == "cuda")
     cached = cache_latents(tokenizer, loader, info.device, writer, logger)
     logger.info(f"rank {dist.get_rank()}: cached {cached} images into {args.cached_path}")

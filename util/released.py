@@ -573,13 +573,27 @@ def _fetch_to(name: str, target: Path, quiet: bool) -> Path:
     return target
 
 
+# The Hub cache's blobs this process has verified: (name, blob identity) -> summary. A blob is named by its content's
+# hash, so a notebook that loads a 5 GB checkpoint again pays for its verification once.
+_VERIFIED_BLOBS: dict[tuple, str] = {}
+
+
+def _blob_identity(path: Path) -> tuple:
+    """The blob a cache entry links to, with what changes when a file is rewritten: inode, size, times."""
+    blob = os.path.realpath(path)
+    info = os.stat(blob)
+    return blob, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
 def _fetch_into_hub_cache(name: str, quiet: bool) -> Path:
     """`hf_hub_download` into the Hub cache (or its cached copy offline); the verified path."""
     with _bounded_download(), _download_errors(name, None):
         path = Path(hf_hub_download(HUB_REPO, REGISTRY[name].hub_path, revision=HUB_REVISION,
                                     tqdm_class=_progress(quiet)))
-    summary = _verified_or_removed(name, path, f"the Hub cache, {remote_url(name)}")
-    _report(quiet, f"{name}: {path} verified ({summary})")
+    key = (name, *_blob_identity(path))
+    if key not in _VERIFIED_BLOBS:
+        _VERIFIED_BLOBS[key] = _verified_or_removed(name, path, f"the Hub cache, {remote_url(name)}")
+    _report(quiet, f"{name}: {path} verified ({_VERIFIED_BLOBS[key]})")
     return path
 
 

@@ -370,7 +370,7 @@ def resolve_args(args):
 
 # ---------------------------------------------------------------------------------------------- guardrails
 # Soft checks of a run against the machine and its data, made once the model and the data exist: each returns the
-# line to log, or None. None of them stops a run.
+# line to log, or None (`loader_workers` logs its own). None of them stops a run.
 BIG_MODEL_PARAMETERS = 100_000_000  # transdiff_base (290M) and up; transdiff_tiny has 0.2-0.4M
 SMALL_TRAINING_SET = 1000  # training examples: below this, a few hundred images, a big model memorises them
 
@@ -390,6 +390,14 @@ def capped_workers(requested: int, cpus: int) -> tuple[int, str | None]:
         return requested, None
     return cpus, (f"--num_workers {requested} lowered to {cpus}: this process may use {cpus} CPU(s), and more "
                   "loader processes than CPUs only take turns with the training and with each other")
+
+
+def loader_workers(requested: int, logger) -> int:
+    """`--num_workers` capped at the CPUs this process may use (`capped_workers`), logging the note when lowered."""
+    workers, note = capped_workers(requested, available_cpus())
+    if note:
+        logger.info(note)
+    return workers
 
 
 def cpu_training_warning(parameters: int, device_type: str) -> str | None:

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from PIL import Image
@@ -53,3 +54,32 @@ def test_production_benchmark_times_main_py_by_its_own_progress_lines():
     assert re.search(r"training, batch 4 x mul 4 per GPU, 1 window\(s\) after the first: \S+ images/s, \S+ model "
                      r"TFLOP/s\n", result.stdout), result.stdout
     assert re.search(r"evaluation, batch 8, 2 steps: \S+ s per image", result.stdout), result.stdout
+
+
+def test_the_scores_of_a_real_mutmut_run(tmp_path):
+    """`is_positive` has a test that kills `a >= 0` and misses `a > 1`; `double` has no test."""
+    (tmp_path / "arith.py").write_text(textwrap.dedent("""\
+        def is_positive(a):
+            return a > 0
+
+
+        def double(a):
+            return a * 2
+        """))
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_arith.py").write_text(
+        "from arith import is_positive\n\n\ndef test_is_positive():\n    assert not is_positive(0)\n")
+    (tmp_path / "pyproject.toml").write_text(textwrap.dedent("""\
+        [tool.mutmut]
+        source_paths = ["arith.py"]
+        pytest_add_cli_args_test_selection = ["tests"]
+        pytest_add_cli_args = ["-p", "no:cacheprovider", "-q"]
+        """))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MUTANT", "PYTEST"))}
+    mutmut = [sys.executable, "-m", "mutmut"]
+    subprocess.run([*mutmut, "run", "--max-children", "1"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    results = subprocess.run([*mutmut, "results", "--all", "true"], cwd=tmp_path, env=env, check=True,
+                             capture_output=True, text=True).stdout
+    table = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "mutation_scores.py")], input=results,
+                           capture_output=True, text=True, check=True).stdout
+    assert table.splitlines()[2:] == ["| `arith` | 4 | 1 | 1 | 2 | 25 % |"], results

@@ -69,7 +69,7 @@ def guarded_run(tmp_path_factory):
     """log.txt of a tiny training asking for 3 workers on 1 CPU, with the big-model threshold lowered below it."""
     root = tmp_path_factory.mktemp("guarded")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(main, "available_cpus", lambda: 1)
+        patch.setattr(settings, "available_cpus", lambda: 1)
         patch.setattr(settings, "BIG_MODEL_PARAMETERS", 1000)
         main.cli([*TINY, "--num_workers", "3", "--data_path", str(write_image_folder(root / "data")),
                   "--output_dir", str(root / "out")])

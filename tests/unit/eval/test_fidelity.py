@@ -248,14 +248,15 @@ def test_make_fid_stats_main_reports_missing_weights(tmp_path):
     assert not (tmp_path / "s.npz").exists()
 
 
-def test_features_in_parts_merge_to_one_pass_bit_for_bit(inception_weights, folders):
+def test_features_in_parts_merge_to_one_pass_bit_for_bit(inception_weights, tmp_path):
     """What each of 2 ranks extracts (`part`: batches 0 and 2, batch 1), merged, equals one pass: the same batches
-    of images in order, the last one partial (12 images in batches of 5)."""
-    extract = dict(batch_size=5, weights_path=inception_weights, num_workers=0)
-    one = fidelity.inception_features(folders["noise"], "cpu", **extract)
-    pieces = [fidelity.inception_features(folders["noise"], "cpu", part=(k, 2), **extract) for k in range(2)]
-    assert [len(piece[fidelity.FEATURE_FID]) for piece in pieces] == [7, 5]
-    merged = fidelity.merge_feature_parts(pieces, batch_size=5)
+    of images in order, the last one partial (5 images in batches of 2)."""
+    write_pngs(tmp_path / "noise", noise_images(seed=1, count=5))
+    extract = dict(batch_size=2, weights_path=inception_weights, num_workers=0)
+    one = fidelity.inception_features(tmp_path / "noise", "cpu", **extract)
+    pieces = [fidelity.inception_features(tmp_path / "noise", "cpu", part=(k, 2), **extract) for k in range(2)]
+    assert [len(piece[fidelity.FEATURE_FID]) for piece in pieces] == [3, 2]
+    merged = fidelity.merge_feature_parts(pieces, batch_size=2)
     assert merged.keys() == one.keys()
     for name in one:
         assert torch.equal(merged[name], one[name]), name

@@ -7,6 +7,7 @@ pointed at it as ``HF_ENDPOINT`` would, its cache is a temporary folder, and nam
 """
 import io
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def hub(tmp_path, monkeypatch, only_local_hosts, tiny_files):
         }
         monkeypatch.setattr(released, "REGISTRY", registry)
         monkeypatch.setattr(download, "REGISTRY", registry)
+        monkeypatch.setattr(released, "_VERIFIED_BLOBS", {})
         server.files.update(tiny_files)
         server.plain["plain.npz"] = tiny_files["stats.npz"]
         yield server
@@ -186,6 +188,23 @@ def test_offline_mode_serves_the_cache_without_any_request(hub, monkeypatch):
     with pytest.raises(released.DownloadError, match="offline mode .HF_HUB_OFFLINE=1."):
         released.fetch("stats", quiet=True)
     assert hub.requests == []
+
+
+def test_a_cached_file_is_verified_once_per_process_until_it_changes(hub, monkeypatch):
+    verified = []
+    checkpoint_verifier = released.VERIFIERS["checkpoint"]
+    monkeypatch.setitem(released.VERIFIERS, "checkpoint", lambda path, entry: verified.append(path)
+                        or checkpoint_verifier(path, entry))
+    first = released.fetch("ckpt", quiet=True)
+    assert released.fetch("ckpt", quiet=True) == first and len(verified) == 1
+    blob = Path(os.path.realpath(first))
+    replacement = blob.with_name("replacement")
+    replacement.write_bytes(bytes(blob.stat().st_size))  # the same size, another file
+    os.replace(replacement, blob)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # served from the cache as it is now
+    with pytest.raises(released.VerificationError, match="ckpt: .* is not a valid checkpoint file"):
+        released.fetch("ckpt", quiet=True)
+    assert len(verified) == 2 and not blob.exists()
 
 
 def test_verified_file_in_place_is_used_without_any_request(hub, tmp_path, capsys):
