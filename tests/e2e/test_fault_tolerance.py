@@ -14,17 +14,12 @@ import pytest
 import torch
 
 from tests.support import REPO_ROOT, preloaded
-from tests.support.runs import ENV, EVAL, TINY, eval_folder, pngs, run, write_image_folder
+from tests.support.runs import ENV, EVAL, TINY, eval_folder, pngs, run
 from util.checkpoint import load_checkpoint
 from util.data.latent_cache import complete_shards, open_latent_cache
 
 # 24 images, batch 2: 12 batches per epoch on one rank.
 FAST = [*TINY, "--batch_size", 2, "--save_last_freq", 1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("data"))
 
 
 def launch(args, nproc=1, max_restarts=0, **popen):

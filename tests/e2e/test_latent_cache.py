@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import main_cache
-from tests.support.runs import CLASSES, IMAGES_PER_CLASS, TINY, load_state, run, write_image_folder
+from tests.support.runs import CLASSES, IMAGES_PER_CLASS, TINY, load_state, run
 from tools.build_mrar_index import build_mrar_index
 from util.data import latent_cache
 from util.data.latent_cache import INDEX, SHARDS, complete_shards, open_latent_cache
@@ -21,11 +21,6 @@ def cache_images(data, cache):
     args = main_cache.get_args_parser().parse_args([*CACHE_FLAGS, "--data_path", str(data),
                                                     "--cached_path", str(cache)])
     main_cache.main(main_cache.resolve_settings(args))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

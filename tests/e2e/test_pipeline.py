@@ -30,11 +30,6 @@ from util.io import file_sha256
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data):
     """A 1-step tiny model trained for 2 epochs in one process."""
     out = tmp_path_factory.mktemp("trained")
